@@ -1,0 +1,3 @@
+from nvq.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""The `nvq` command line: parse, call one library function, render. No logic lives here.
+
+Exit codes (CLI.md): 0 success, 1 verification failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nvq import __version__
+from nvq.errors import NvqError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Quantize Hugging Face checkpoints to NVFP4 / MXFP4 and certify them.",
+)
+_state = {"debug": False}
+
+
+class Scheme(str, Enum):
+    nvfp4 = "nvfp4"
+    mxfp4 = "mxfp4"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+RecipeOpt = Annotated[
+    str | None, typer.Option("--recipe", help="Recipe file (YAML) or preset name (see recipes/).")
+]
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory (or Hub id in the local cache).")],
+    out: Annotated[Path, typer.Argument(help="New output directory.")],
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="Target format.")],
+    recipe: RecipeOpt = None,
+    device: Annotated[Device, typer.Option("--device", help="Where to quantize.")] = Device.auto,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", min=0.001, help="Largest output shard, in GB.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Convert a checkpoint to a compressed-tensors NVFP4 / MXFP4 checkpoint."""
+    from nvq import report
+    from nvq.io.hf import Checkpoint
+    from nvq.quant.pipeline import convert as run_convert
+
+    def job():
+        total = sum(t.nbytes for t in Checkpoint.open(src).tensors.values())
+        with report.byte_progress(total, f"{scheme.value}", enabled=sys.stderr.isatty()) as tick:
+            return run_convert(src, out, scheme.value, recipe=recipe, device=device.value, force=force,
+                               max_shard_bytes=int(max_shard_gb * 1e9), progress=tick)
+
+    summary = _guard(job)
+    if as_json:
+        typer.echo(json.dumps(report.convert_summary_dict(summary), indent=2))
+    else:
+        report.print_convert_summary(summary)
+
+
+@app.command()
+def plan(
+    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory.")],
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="Target format.")],
+    recipe: RecipeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show the per-tensor plan (quantize / keep / fusion group / drop) without writing anything."""
+    from nvq import report
+    from nvq.quant.pipeline import plan_convert
+
+    p = _guard(lambda: plan_convert(src, scheme.value, recipe))
+    if as_json:
+        typer.echo(json.dumps(report.plan_dict(p), indent=2))
+    else:
+        report.print_plan(p)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="HF directory, quantized directory or .gguf file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+) -> None:
+    """Architecture, tensors, formats and sizes of a checkpoint or GGUF."""
+    from dataclasses import asdict
+
+    from nvq import report
+    from nvq.inspect import inspect as run_inspect
+
+    info = _guard(lambda: run_inspect(path))
+    if as_json:
+        typer.echo(json.dumps(asdict(info), indent=2))
+        return
+    report.print_inspection(info, show_tensors=tensors)
+
+
+def _guard(job):
+    """Run a library call; an NvqError becomes one sentence on stderr and its exit code."""
+    try:
+        return job()
+    except NvqError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was left half-written.", err=True)
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    app()

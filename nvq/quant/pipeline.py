@@ -1,0 +1,213 @@
+"""Streaming convert: read → quantize → pack → write, one fusion group at a time.
+
+Memory stays bounded by one fusion group (or, for large tensors, one row chunk) plus the writer's
+chunk: reads go through `read_rows`, never through a whole-model load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nvq.errors import TensorError
+from nvq.formats import mxfp4, nvfp4
+from nvq.formats.constants import NVFP4_GLOBAL_NUMERATOR
+from nvq.io.atomic import atomic_output_dir
+from nvq.io.hf import Checkpoint
+from nvq.io.safetensors import ShardedWriter
+from nvq.layouts import compressed_tensors as ct
+from nvq.quant.policy import Plan, Unit, build_plan
+from nvq.quant.recipe import load_recipe
+
+CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 working copy
+GROUP_CACHE_BYTES = 512 << 20  # groups up to this size are read once, larger ones twice (amax, codes)
+DEFAULT_SHARD_BYTES = 5 * 10**9
+FP16_MAX = 65504.0
+
+Progress = Callable[[int, str], None]  # (bytes of source read, current tensor)
+
+
+@dataclass
+class ConvertSummary:
+    out: Path
+    scheme: str
+    quantized: int  # output modules quantized
+    kept: int  # tensors copied dense
+    dropped: int  # tensors dropped on purpose
+    params: int
+    params_quantized: int
+    bytes_written: int
+    seconds: float
+    device: str
+    fp32_groups: list[str] = field(default_factory=list)  # fp16 groups quantized in fp32 (see below)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes_written / max(self.params, 1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TensorError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto.")
+    return torch.device(device)
+
+
+def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None) -> Plan:
+    return build_plan(Checkpoint.open(src), scheme, load_recipe(recipe))
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    scheme: str,
+    recipe: str | Path | None = None,
+    device: str = "auto",
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> ConvertSummary:
+    started = time.perf_counter()
+    ckpt = Checkpoint.open(src)
+    plan = build_plan(ckpt, scheme, load_recipe(recipe))
+    dev = resolve_device(device)
+    out = Path(out)
+    summary = ConvertSummary(
+        out=out, scheme=scheme, quantized=len(plan.quantized), kept=len(plan.kept), dropped=len(plan.dropped),
+        params=sum(u.numel for u in plan.units), params_quantized=sum(u.numel for u in plan.quantized),
+        bytes_written=0, seconds=0.0, device=str(dev), warnings=list(plan.warnings),
+    )
+    tick = progress or (lambda n, name: None)
+    with atomic_output_dir(out, force) as tmp:
+        outputs = plan.output_tensors()
+        writer = ShardedWriter(tmp, outputs, max_shard_bytes)
+        for group in plan.groups():
+            _write_group(ckpt, group, writer, dev, tick, summary)
+        writer.close()
+        _write_config(ckpt, plan, tmp)
+        for f in ckpt.side_files():
+            shutil.copyfile(f, tmp / f.name)
+        summary.bytes_written = sum(t.nbytes for t in outputs)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _write_group(ckpt: Checkpoint, group: list[Unit], writer: ShardedWriter, dev: torch.device,
+                 tick: Progress, summary: ConvertSummary) -> None:
+    scheme = group[0].scheme
+    if scheme is None:
+        for u in group:
+            for _, chunk in _read_chunks(ckpt, u, tick):
+                writer.write(u.out, chunk)
+        return
+    cache = _GroupCache(ckpt, group, tick)
+    if scheme == "nvfp4":
+        global_scale, compute_dtype = _group_global_scale(cache, group, summary)
+        for u in group:
+            for chunk in cache.chunks(u):
+                x = chunk.to(dev, compute_dtype)
+                _write_packed(writer, u, nvfp4.quantize(x, global_scale=global_scale.to(dev)))
+            writer.write(f"{u.out}.weight_global_scale", global_scale)
+    else:
+        for u in group:
+            for chunk in cache.chunks(u):
+                _write_packed(writer, u, mxfp4.quantize(chunk.to(dev)))
+
+
+def _group_global_scale(cache: _GroupCache, group: list[Unit], summary: ConvertSummary) -> tuple[torch.Tensor, torch.dtype]:
+    dtypes = {u.dtype for u in group}
+    if len(dtypes) > 1:
+        names = ", ".join(u.source for u in group)
+        raise TensorError(f"fusion group {names} mixes dtypes {sorted(dtypes)}; its members must share one dtype.")
+    amax = None
+    for u in group:
+        for chunk in cache.chunks(u):
+            a = nvfp4.tensor_amax(chunk)
+            amax = a if amax is None else torch.maximum(amax, a)
+    dtype = amax.dtype
+    # compressed-tensors computes 1/amax·2688 in fp16 for fp16 weights; below amax ≈ 0.041 that
+    # overflows, g falls back to 1 and every block flushes to zero (formats.md §1.5). nvq computes
+    # such groups in fp32 instead of writing an all-zero weight, and says so in the summary.
+    if dtype == torch.float16 and float(amax) < NVFP4_GLOBAL_NUMERATOR / FP16_MAX:
+        summary.fp32_groups.append(group[0].out)
+        dtype = torch.float32
+    return nvfp4.global_scale(amax.to(dtype), dtype), dtype
+
+
+def _write_packed(writer: ShardedWriter, u: Unit, q) -> None:
+    for suffix, tensor in ct.packed_chunk(q).items():
+        writer.write(f"{u.out}.{suffix}", tensor.cpu())
+
+
+class _GroupCache:
+    """Reads a fusion group once when it is small; streams it twice (amax pass, codes pass) when not."""
+
+    def __init__(self, ckpt: Checkpoint, group: list[Unit], tick: Progress):
+        self.ckpt, self.tick = ckpt, tick
+        nbytes = sum(ckpt.tensors[u.source].nbytes * u.numel // ckpt.tensors[u.source].numel for u in group)
+        self.cached: dict[int, list[torch.Tensor]] | None = {} if nbytes <= GROUP_CACHE_BYTES else None
+        self.reads: dict[int, int] = {}
+
+    def chunks(self, u: Unit) -> Iterator[torch.Tensor]:
+        key = id(u)
+        if self.cached is not None and key in self.cached:
+            yield from self.cached[key]
+            return
+        first_read = key not in self.reads
+        self.reads[key] = self.reads.get(key, 0) + 1
+        kept = []
+        for _, chunk in _read_chunks(self.ckpt, u, self.tick if first_read else None):
+            if self.cached is not None:
+                kept.append(chunk)
+            yield chunk
+        if self.cached is not None:
+            self.cached[key] = kept
+
+
+def _read_chunks(ckpt: Checkpoint, u: Unit, tick: Progress | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Row chunks of a unit's 2-D view (elements for vectors), each checked for NaN/Inf."""
+    info = ckpt.tensors[u.source]
+    first, last = u.rows if u.rows else (0, info.num_rows)
+    row_len = info.shape[-1] if len(info.shape) >= 2 else 1
+    step = max(1, CHUNK_ELEMENTS // row_len)
+    for a in range(first, last, step):
+        b = min(a + step, last)
+        chunk = ckpt.read_rows(u.source, a, b)
+        if chunk.is_floating_point():
+            _check_finite(info, u, chunk, a)
+        if tick:
+            tick(chunk.numel() * chunk.element_size(), u.source)
+        yield a, chunk
+
+
+def _check_finite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
+    bad = ~torch.isfinite(chunk)
+    if not bad.any():
+        return
+    idx = bad.nonzero()[0].tolist()
+    what = "NaN" if torch.isnan(chunk[tuple(idx)]) else "Inf"
+    row_len = info.shape[-1] if len(info.shape) >= 2 else 1
+    flat = (row + idx[0]) * row_len + (idx[1] if len(idx) > 1 else 0)
+    pos = [int(i) for i in torch.unravel_index(torch.tensor(flat), info.shape)] if info.shape else []
+    if len(pos) == 2:
+        where = f"row {pos[0]}, column {pos[1]}"
+    else:
+        where = f"element {pos[0]}" if len(pos) == 1 else f"index {pos}"
+    raise TensorError(f"{info.path.name}: tensor {u.source} holds {what} at {where}; nvq only converts finite weights.")
+
+
+def _write_config(ckpt: Checkpoint, plan: Plan, out_dir: Path) -> None:
+    # Original keys are written back verbatim (both Gemma-4 dialects survive); only the
+    # quantization_config is added.
+    config = dict(ckpt.config.raw)
+    config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore_list())
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (out_dir / "config.json").write_text(text, encoding="utf-8")

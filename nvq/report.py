@@ -1,0 +1,158 @@
+"""Rendering for the CLI: progress bars, plan tables, summaries. The only module (with cli.py)
+that imports rich; the library reports through plain callbacks and dataclasses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from nvq.quant.pipeline import ConvertSummary
+from nvq.quant.policy import Plan
+
+err = Console(stderr=True)
+out = Console()
+
+
+@contextlib.contextmanager
+def byte_progress(total_bytes: int, label: str, enabled: bool = True) -> Iterator:
+    """A progress bar over source bytes read; yields the callback the pipeline calls."""
+    if not enabled:
+        yield lambda n, name: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[tensor]}", style="dim"),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total_bytes, tensor="")
+        yield lambda n, name: bar.update(task, advance=n, tensor=name)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def convert_summary_line(s: ConvertSummary) -> str:
+    return (
+        f"{s.scheme}: {s.quantized} weights quantized, {s.kept} tensors kept dense, {s.dropped} dropped on purpose · "
+        f"{s.bits_per_weight:.2f} bits/weight · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s on {s.device} → {s.out}"
+    )
+
+
+def convert_summary_dict(s: ConvertSummary) -> dict:
+    return {
+        "out": str(s.out),
+        "scheme": s.scheme,
+        "quantized": s.quantized,
+        "kept": s.kept,
+        "dropped": s.dropped,
+        "params": s.params,
+        "params_quantized": s.params_quantized,
+        "bytes_written": s.bytes_written,
+        "bits_per_weight": round(s.bits_per_weight, 4),
+        "seconds": round(s.seconds, 3),
+        "device": s.device,
+        "fp32_groups": s.fp32_groups,
+        "warnings": s.warnings,
+    }
+
+
+def print_convert_summary(s: ConvertSummary) -> None:
+    for w in s.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    if s.fp32_groups:
+        err.print(
+            f"[yellow]note:[/] {len(s.fp32_groups)} fp16 fusion group(s) had amax < 0.041 and were quantized with "
+            "fp32 arithmetic (compressed-tensors' fp16 arithmetic would zero them)."
+        )
+    out.print(convert_summary_line(s))
+
+
+def plan_rows(plan: Plan) -> list[dict]:
+    rows = []
+    for u in plan.units:
+        rows.append(
+            {
+                "canonical": u.canonical,
+                "source": u.source,
+                "rows": list(u.rows) if u.rows else None,
+                "output": u.out,
+                "role": u.role.value,
+                "shape": list(u.shape),
+                "dtype": u.dtype,
+                "action": u.scheme or "keep",
+                "fusion_group": u.group if u.scheme else None,
+                "rule": u.rule,
+            }
+        )
+    for m in plan.dropped:
+        rows.append({"canonical": None, "source": m.source, "action": "drop", "reason": m.dropped})
+    return rows
+
+
+def plan_dict(plan: Plan) -> dict:
+    return {
+        "source": plan.source,
+        "architecture": plan.arch.name,
+        "model_type": plan.arch.model_type,
+        "scheme": plan.scheme,
+        "recipe": plan.recipe.name,
+        "tensors": plan_rows(plan),
+        "ignore": plan.ignore_list(),
+        "warnings": plan.warnings,
+    }
+
+
+def print_plan(plan: Plan) -> None:
+    table = Table(title=f"{plan.source} · {plan.arch.model_type} → {plan.scheme} (recipe: {plan.recipe.name})")
+    for col in ("canonical", "HF output", "shape", "dtype", "action", "fusion group"):
+        table.add_column(col, overflow="fold")
+    for u in plan.units:
+        action = f"[green]{u.scheme}[/]" if u.scheme else "[dim]keep[/]"
+        if u.rule:
+            action += f" (rule {u.rule})"
+        table.add_row(u.canonical or "(tower)", u.out, "×".join(map(str, u.shape)), u.dtype, action,
+                      (u.group or "") if u.scheme else "")
+    for m in plan.dropped:
+        table.add_row("", m.source, "", "", "[red]drop[/]", m.dropped)
+    out.print(table)
+    roles = Counter((u.role.value, u.scheme or "keep") for u in plan.units)
+    summary = ", ".join(f"{n} {role} {action}" for (role, action), n in sorted(roles.items()))
+    out.print(f"{len(plan.quantized)} quantized, {len(plan.kept)} kept, {len(plan.dropped)} dropped · {summary}")
+    for w in plan.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+
+
+def print_inspection(info, show_tensors: bool = False) -> None:
+    dtypes = ", ".join(f"{d} ×{n}" for d, n in info.dtypes.items())
+    out.print(f"[bold]{info.path}[/] ({info.kind})")
+    out.print(f"architecture: {info.architecture}")
+    out.print(f"quantization: {info.quantization}")
+    out.print(f"tensors: {info.tensor_count} · {human_bytes(info.total_bytes)} · {dtypes}")
+    if show_tensors:
+        table = Table()
+        for col in ("name", "dtype", "shape", "bytes"):
+            table.add_column(col, overflow="fold")
+        for t in info.tensors:
+            table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), human_bytes(t["bytes"]))
+        out.print(table)

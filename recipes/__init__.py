@@ -1,0 +1,1 @@
+"""Recipe presets (YAML data files), importable as nvq.recipes."""

@@ -1,0 +1,1 @@
+"""Test-support helpers: tiny random checkpoints and llama.cpp's HF->GGUF converter."""
