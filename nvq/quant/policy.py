@@ -147,6 +147,7 @@ def _units(m: Mapped, shape: tuple[int, ...], dtype: str, scheme: str | None, ru
     parts = EXPERT_PARTS[m.role]
     part_rows = rows // len(parts)
     stem = m.canonical.rsplit(".", 2)[0]  # "blk.N"
+    experts = m.source.rsplit(".", 1)[0]  # "….experts": per-expert modules hang below it
     units = []
     for e in range(n_experts):
         for p, (hf_suffix, gguf_stem) in enumerate(parts):
@@ -159,10 +160,10 @@ def _units(m: Mapped, shape: tuple[int, ...], dtype: str, scheme: str | None, ru
                     dtype=dtype,
                     role=m.role,
                     canonical=f"{stem}.{gguf_stem}.weight[{e}]",
-                    out=f"{m.module}.{e}.{hf_suffix}",
+                    out=f"{experts}.{e}.{hf_suffix}",
                     scheme=scheme,
                     # each expert's gate (w1) and up (w3) share one global scale (formats.md §1.3)
-                    group=f"{m.module}.{e}:gate_up" if m.role is Role.EXPERTS_GATE_UP else None,
+                    group=f"{experts}.{e}:gate_up" if m.role is Role.EXPERTS_GATE_UP else None,
                     rule=rule_index,
                 )
             )

@@ -4,12 +4,14 @@ dequantization of the same weight."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nvq.formats import e2m1, nvfp4
 from nvq.io.hf import Checkpoint
@@ -36,20 +38,33 @@ def unpermute_llama(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma4_moe"])
-def test_converter_reads_nvq_nvfp4_and_dequantizes_to_the_same_weights(model, request, tmp_path):
-    src = request.getfixturevalue(model)
-    out = tmp_path / "nvfp4"
-    convert(src, out, "nvfp4", device="cpu")
-    gguf_path = convert_to_gguf(out, tmp_path / "model.gguf", outtype="f32")
+def as_modelopt_names(ct_dir, dst):
+    """The same bytes under ModelOpt's names: weight_packed → weight, weight_global_scale g →
+    weight_scale_2 = fp32(1/g) (formats.md §3.1; compressed-tensors' own converter does the inverse)."""
+    shutil.copytree(ct_dir, dst)
+    renamed = {}
+    for name, t in load_file(dst / "model.safetensors").items():
+        if name.endswith(".weight_packed"):
+            renamed[name.removesuffix("_packed")] = t
+        elif name.endswith(".weight_global_scale"):
+            renamed[name.replace(".weight_global_scale", ".weight_scale_2")] = (1.0 / t.float()).reshape(())
+        else:
+            renamed[name] = t
+    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    ignore = cfg["quantization_config"]["ignore"]
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": 16, "ignore": ignore}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def check_gguf_against_nvq(src, nvq_out, gguf_path):
     meta, gg, types = read_gguf(gguf_path)[:3]
-    ours = load_file(out / "model.safetensors")
+    ours = load_file(nvq_out / "model.safetensors")
     plan = build_plan(Checkpoint.open(src), "nvfp4", load_recipe(None))
     cfg = plan.arch.config
-    per_expert = {}
-    if model == "tiny_gemma4_moe":
-        per_expert = {u.canonical: ours[u.source].float().numpy() for u in plan.kept if u.canonical.endswith("ffn_down_exps.scale")}
-    checked = 0
+    per_expert = {u.canonical: ours[u.source].float().numpy() for u in plan.kept
+                  if u.canonical and u.canonical.endswith("ffn_down_exps.scale")}
     for u in plan.quantized:
         m = re.fullmatch(r"(?P<stem>.+)\.weight(\[(?P<e>\d+)\])?", u.canonical)
         stem, expert = m["stem"], m["e"]
@@ -59,17 +74,44 @@ def test_converter_reads_nvq_nvfp4_and_dequantizes_to_the_same_weights(model, re
         expected = nvq_dequant(ours, u.out)
         if expert is not None:
             e = int(expert)
-            w, scale = w[e], scale[e:e + 1]
+            w, scale = w[e], scale[e : e + 1]
             if stem.endswith("ffn_down_exps"):
                 # llama.cpp folds Gemma-4's per_expert_scale into each expert's down-proj scale
                 expected = expected * per_expert[f"{stem}.scale"][e]
         got = w * scale[0]
         if plan.arch.name == "llama" and stem.split(".")[-1] in ("attn_q", "attn_k"):
             got = unpermute_llama(got, cfg.num_heads if stem.endswith("attn_q") else cfg.num_kv_heads)
-        # gguf applies the multiplier 1/g (rounded once in fp32) where nvq divides by g: ≤ 1 ulp apart
+        # gguf multiplies by 1/g (rounded once in fp32) where nvq divides by g: at most 2 ulp apart
         np.testing.assert_allclose(got, expected, rtol=2.4e-7, atol=0, err_msg=u.canonical)
-        checked += 1
-    assert checked == len(plan.quantized)
     for u in plan.kept:  # dense tensors pass through unchanged (norms, embeddings, router, scalars)
-        if u.canonical and u.canonical in gg and not u.canonical.endswith("ffn_down_exps.scale"):
+        if u.canonical in gg and not u.canonical.endswith("ffn_down_exps.scale"):
             np.testing.assert_array_equal(gg[u.canonical].reshape(u.shape), ours[u.out].float().numpy())
+    return len(plan.quantized)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma4_dense"])
+def test_converter_reads_nvq_nvfp4_and_dequantizes_to_the_same_weights(model, request, tmp_path):
+    src = request.getfixturevalue(model)
+    out = tmp_path / "nvfp4"
+    convert(src, out, "nvfp4", device="cpu")
+    gguf_path = convert_to_gguf(out, tmp_path / "model.gguf", outtype="f32")
+    assert check_gguf_against_nvq(src, out, gguf_path) > 0
+
+
+def test_converter_reads_nvq_gemma4_moe_experts_under_modelopt_names(tiny_gemma4_moe, tmp_path):
+    out = tmp_path / "nvfp4"
+    convert(tiny_gemma4_moe, out, "nvfp4", device="cpu")
+    modelopt = as_modelopt_names(out, tmp_path / "modelopt")
+    gguf_path = convert_to_gguf(modelopt, tmp_path / "model.gguf", outtype="f32")
+    # 6 layers × 4 experts × (gate, up, down) + 5 sliding layers × 7 Linears + the k_eq_v layer × 6
+    assert check_gguf_against_nvq(tiny_gemma4_moe, out, gguf_path) == 6 * 4 * 3 + 5 * 7 + 6
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="llama.cpp bug: Gemma4Model.filter_tensors appends '.weight' to compressed-tensors "
+                          "expert names (experts.E.*.weight_packed / weight_global_scale), so no compressed-tensors "
+                          "Gemma-4 MoE checkpoint converts; fails until the converter is fixed")
+def test_llamacpp_converter_bug_gemma4_moe_compressed_tensors_expert_names(tiny_gemma4_moe, tmp_path):
+    out = tmp_path / "nvfp4"
+    convert(tiny_gemma4_moe, out, "nvfp4", device="cpu")
+    convert_to_gguf(out, tmp_path / "model.gguf", outtype="f32")

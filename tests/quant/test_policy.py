@@ -79,7 +79,7 @@ def test_gemma4_k_eq_v_full_layer_has_no_v_proj_and_shares_qk_scale(tiny_gemma4_
     full = 5  # layer_types: 5 sliding then 1 full
     assert f"blk.{full}.attn_v.weight" not in units
     assert units[f"blk.{full}.attn_q.weight"].group == units[f"blk.{full}.attn_k.weight"].group
-    assert f"blk.0.attn_v.weight" in units
+    assert "blk.0.attn_v.weight" in units
 
 
 def test_gemma4_kv_shared_layers_drop_vestigial_kv(tiny_gemma4_ple, tmp_path):
