@@ -55,7 +55,7 @@ def human_bytes(n: float) -> str:
 def convert_summary_line(s: ConvertSummary) -> str:
     return (
         f"{s.scheme}: {s.quantized} weights quantized, {s.kept} tensors kept dense, {s.dropped} dropped on purpose · "
-        f"{s.bits_per_weight:.2f} bits/weight · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s on {s.device} → {s.out}"
+        f"{s.bits_per_quantized_weight:.2f} bits/weight quantized, {s.bits_per_weight:.2f} overall · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s on {s.device} → {s.out}"
     )
 
 
@@ -70,6 +70,7 @@ def convert_summary_dict(s: ConvertSummary) -> dict:
         "params_quantized": s.params_quantized,
         "bytes_written": s.bytes_written,
         "bits_per_weight": round(s.bits_per_weight, 4),
+        "bits_per_quantized_weight": round(s.bits_per_quantized_weight, 4),
         "seconds": round(s.seconds, 3),
         "device": s.device,
         "fp32_groups": s.fp32_groups,

@@ -43,6 +43,7 @@ class ConvertSummary:
     params: int
     params_quantized: int
     bytes_written: int
+    bytes_quantized: int  # output bytes of the quantized weights (codes, scales, global scales)
     seconds: float
     device: str
     fp32_groups: list[str] = field(default_factory=list)  # fp16 groups quantized in fp32 (see below)
@@ -51,6 +52,10 @@ class ConvertSummary:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.bytes_written / max(self.params, 1)
+
+    @property
+    def bits_per_quantized_weight(self) -> float:
+        return 8 * self.bytes_quantized / max(self.params_quantized, 1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,7 +88,7 @@ def convert(
     summary = ConvertSummary(
         out=out, scheme=scheme, quantized=len(plan.quantized), kept=len(plan.kept), dropped=len(plan.dropped),
         params=sum(u.numel for u in plan.units), params_quantized=sum(u.numel for u in plan.quantized),
-        bytes_written=0, seconds=0.0, device=str(dev), warnings=list(plan.warnings),
+        bytes_written=0, bytes_quantized=0, seconds=0.0, device=str(dev), warnings=list(plan.warnings),
     )
     tick = progress or (lambda n, name: None)
     with atomic_output_dir(out, force) as tmp:
@@ -96,6 +101,7 @@ def convert(
         for f in ckpt.side_files():
             shutil.copyfile(f, tmp / f.name)
         summary.bytes_written = sum(t.nbytes for t in outputs)
+        summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in ct.output_tensors(u.out, u.shape, u.scheme))
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -83,6 +83,7 @@ def test_summary_counts(llama_nvfp4):
     _, s = llama_nvfp4
     assert s.quantized == 14 and s.dropped == 0
     assert s.kept == 2 * 2 + 2  # per-layer norms, final norm, embedding
+    assert s.bits_per_quantized_weight == pytest.approx(4.5, abs=0.01)  # 4 + 8/16, plus one fp32 per module
     assert 4.5 < s.bits_per_weight < 16
 
 

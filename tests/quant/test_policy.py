@@ -190,3 +190,29 @@ def test_input_dim_not_multiple_of_group_is_refused(tmp_path, tiny_llama):
     with pytest.raises(TensorError, match=r"model.layers.0.mlp.down_proj.weight has input dimension 120.*group size 16"):
         plan_of(src)
     assert plan_of(src, "mxfp4", parse_recipe("rules:\n  - match: '.*ffn_down.*'\n    scheme: null\n", "t"))
+
+
+def test_unmapped_tensor_is_an_error_naming_it(tiny_llama, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from nvq.errors import UnmappedTensorError
+
+    src = tmp_path / "extra"
+    shutil.copytree(tiny_llama, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mystery.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnmappedTensorError, match=r"model\.layers\.0\.mystery\.weight"):
+        plan_of(src)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gemma4_moe", "tiny_gemma4_ple", "tiny_gemma4_dense"])
+def test_every_source_tensor_is_planned(model, request):
+    src = request.getfixturevalue(model)
+    ckpt = Checkpoint.open(src)
+    plan = plan_of(src)
+    planned = {u.source for u in plan.units} | {m.source for m in plan.dropped}
+    assert planned == set(ckpt.tensors)
