@@ -1,6 +1,6 @@
 """Every numeric-format constant nvq uses, named, with its value and source.
 
-References are to /work/shared/spec/formats.md ("§" below).
+References are to the spec formats.md ("§" below).
 """
 
 # --- E2M1 (FP4) element, §0.1 ------------------------------------------------------------
