@@ -122,6 +122,41 @@ def inspect(
     report.print_inspection(info, show_tensors=tensors)
 
 
+kernels_app = typer.Typer(no_args_is_help=True, help="Build the CUDA kernels ahead of time, or show what would run.")
+app.add_typer(kernels_app, name="kernels")
+
+
+@kernels_app.command("build")
+def kernels_build(
+    arch: Annotated[
+        list[str] | None,
+        typer.Option("--arch", help="Compute capability to build for, e.g. 9.0 or 9.0+PTX (repeatable). "
+                     "Default: TORCH_CUDA_ARCH_LIST, else the GPUs present."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when the cache holds the library.")] = False,
+) -> None:
+    """Compile the CUDA kernels into the cache and print the library's path."""
+    from nvq import ops
+
+    typer.echo(str(_guard(lambda: ops.build_library(arch or None, force=force))))
+
+
+@kernels_app.command("status")
+def kernels_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """nvcc, the GPU, the kernel cache, and the backend each op would use. Compiles nothing."""
+    from dataclasses import asdict
+
+    from nvq import ops, report
+
+    status = _guard(ops.kernel_status)
+    if as_json:
+        typer.echo(json.dumps(asdict(status), indent=2))
+    else:
+        report.print_kernel_status(status)
+
+
 def _guard(job):
     """Run a library call; an NvqError becomes one sentence on stderr and its exit code."""
     try:

@@ -32,3 +32,7 @@ class RecipeError(NvqError):
 
 class OutputExistsError(NvqError):
     """The output directory exists and --force was not given."""
+
+
+class KernelBuildError(NvqError):
+    """The CUDA kernels cannot be built or loaded (no nvcc, no GPU or --arch, a compile error)."""

@@ -55,7 +55,7 @@ def human_bytes(n: float) -> str:
 def convert_summary_line(s: ConvertSummary) -> str:
     return (
         f"{s.scheme}: {s.quantized} weights quantized, {s.kept} tensors kept dense, {s.dropped} dropped on purpose · "
-        f"{s.bits_per_quantized_weight:.2f} bits/weight quantized, {s.bits_per_weight:.2f} overall · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s on {s.device} → {s.out}"
+        f"{s.bits_per_quantized_weight:.2f} bits/weight quantized, {s.bits_per_weight:.2f} overall · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s on {s.engine} → {s.out}"
     )
 
 
@@ -73,6 +73,7 @@ def convert_summary_dict(s: ConvertSummary) -> dict:
         "bits_per_quantized_weight": round(s.bits_per_quantized_weight, 4),
         "seconds": round(s.seconds, 3),
         "device": s.device,
+        "backend": "+".join(s.backends),
         "fp32_groups": s.fp32_groups,
         "warnings": s.warnings,
     }
@@ -157,3 +158,22 @@ def print_inspection(info, show_tensors: bool = False) -> None:
         for t in info.tensors:
             table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), human_bytes(t["bytes"]))
         out.print(table)
+
+
+def print_kernel_status(s) -> None:
+    """`nvq kernels status`: one fact per line (s is an nvq.ops.KernelStatus)."""
+    nvcc = f"{s.nvcc} ({s.nvcc_release})" if s.nvcc else "not found"
+    lines = [
+        ("nvcc", nvcc),
+        ("GPU", "; ".join(s.gpus) or "none visible"),
+        ("sources", f"{s.kernel_dir}: {', '.join(s.sources) or 'none'}"),
+        ("cache", s.cache_dir),
+        ("library", s.library or ("cannot be built here" if s.problem else "not built yet")),
+    ]
+    if s.problem:
+        lines.append(("why", s.problem))
+    for label, value in lines:
+        out.print(f"{label:<8} {value}", markup=False, highlight=False, soft_wrap=True)
+    out.print("backends")
+    for op, which in s.backends.items():
+        out.print(f"  {op:<24} {which}", markup=False, highlight=False, soft_wrap=True)

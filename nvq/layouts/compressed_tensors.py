@@ -79,9 +79,14 @@ def output_tensors(module: str, shape: tuple[int, int], scheme: str) -> list[Out
 
 def packed_chunk(q: NVFP4Quantized | MXFP4Quantized) -> dict[str, torch.Tensor]:
     """Row-chunk tensors (by suffix) of one quantized chunk; the global scale is written once."""
-    if isinstance(q, NVFP4Quantized):
-        return {"weight_packed": e2m1.pack_pairs(q.codes), "weight_scale": q.block_scale}
-    return {"weight_packed": e2m1.pack_pairs(q.codes), "weight_scale": q.scale}
+    scale = q.block_scale if isinstance(q, NVFP4Quantized) else q.scale
+    return packed_tensors(e2m1.pack_pairs(q.codes), scale)
+
+
+def packed_tensors(packed: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Row-chunk tensors (by suffix) from codes already packed in pairs and their block scales
+    (what nvq.ops returns): E4M3 for NVFP4, E8M0 bytes for MXFP4."""
+    return {"weight_packed": packed, "weight_scale": scale}
 
 
 def quantization_config(scheme: str, ignore: list[str]) -> dict:

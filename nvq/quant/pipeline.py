@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from nvq import ops
 from nvq.errors import TensorError
-from nvq.formats import mxfp4, nvfp4
 from nvq.formats.constants import NVFP4_GLOBAL_NUMERATOR
 from nvq.io.atomic import atomic_output_dir
 from nvq.io.hf import Checkpoint
@@ -29,6 +29,8 @@ CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 wor
 GROUP_CACHE_BYTES = 512 << 20  # groups up to this size are read once, larger ones twice (amax, codes)
 DEFAULT_SHARD_BYTES = 5 * 10**9
 FP16_MAX = 65504.0
+# ops.backend() names -> how the summary names them.
+BACKEND_NAMES = {"cuda": "kernels", "reference": "reference"}
 
 Progress = Callable[[int, str], None]  # (bytes of source read, current tensor)
 
@@ -48,6 +50,12 @@ class ConvertSummary:
     device: str
     fp32_groups: list[str] = field(default_factory=list)  # fp16 groups quantized in fp32 (see below)
     warnings: list[str] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)  # what quantized: "kernels" and/or "reference"
+
+    @property
+    def engine(self) -> str:
+        """Device plus backend, e.g. 'cuda (kernels)' or 'cpu (reference)'."""
+        return f"{self.device} ({'+'.join(self.backends) or 'nothing quantized'})"
 
     @property
     def bits_per_weight(self) -> float:
@@ -116,19 +124,28 @@ def _write_group(ckpt: Checkpoint, group: list[Unit], writer: ShardedWriter, dev
         return
     cache = _GroupCache(ckpt, group, tick)
     if scheme == "nvfp4":
-        global_scale, compute_dtype = _group_global_scale(cache, group, summary)
+        global_scale, compute_dtype = _group_global_scale(cache, group, dev, summary)
         for u in group:
             for chunk in cache.chunks(u):
                 x = chunk.to(dev, compute_dtype)
-                _write_packed(writer, u, nvfp4.quantize(x, global_scale=global_scale.to(dev)))
-            writer.write(f"{u.out}.weight_global_scale", global_scale)
+                _write_packed(writer, u, ops.nvfp4_quantize_packed(x, global_scale))
+            writer.write(f"{u.out}.weight_global_scale", global_scale.cpu())
+        _note_backend(summary, "nvfp4_quantize_packed")
     else:
         for u in group:
             for chunk in cache.chunks(u):
-                _write_packed(writer, u, mxfp4.quantize(chunk.to(dev)))
+                _write_packed(writer, u, ops.mxfp4_quantize_packed(chunk.to(dev)))
+        _note_backend(summary, "mxfp4_quantize_packed")
 
 
-def _group_global_scale(cache: _GroupCache, group: list[Unit], summary: ConvertSummary) -> tuple[torch.Tensor, torch.dtype]:
+def _note_backend(summary: ConvertSummary, op: str) -> None:
+    used = BACKEND_NAMES[ops.backend(op)]
+    if used not in summary.backends:
+        summary.backends.append(used)
+
+
+def _group_global_scale(cache: _GroupCache, group: list[Unit], dev: torch.device,
+                        summary: ConvertSummary) -> tuple[torch.Tensor, torch.dtype]:
     dtypes = {u.dtype for u in group}
     if len(dtypes) > 1:
         names = ", ".join(u.source for u in group)
@@ -136,7 +153,7 @@ def _group_global_scale(cache: _GroupCache, group: list[Unit], summary: ConvertS
     amax = None
     for u in group:
         for chunk in cache.chunks(u):
-            a = nvfp4.tensor_amax(chunk)
+            a = ops.tensor_amax(chunk.to(dev))
             amax = a if amax is None else torch.maximum(amax, a)
     dtype = amax.dtype
     # compressed-tensors computes 1/amax·2688 in fp16 for fp16 weights; below amax ≈ 0.041 that
@@ -145,11 +162,11 @@ def _group_global_scale(cache: _GroupCache, group: list[Unit], summary: ConvertS
     if dtype == torch.float16 and float(amax) < NVFP4_GLOBAL_NUMERATOR / FP16_MAX:
         summary.fp32_groups.append(group[0].out)
         dtype = torch.float32
-    return nvfp4.global_scale(amax.to(dtype), dtype), dtype
+    return ops.nvfp4_global_scale(amax.to(dtype), dtype), dtype
 
 
-def _write_packed(writer: ShardedWriter, u: Unit, q) -> None:
-    for suffix, tensor in ct.packed_chunk(q).items():
+def _write_packed(writer: ShardedWriter, u: Unit, packed_and_scale: tuple[torch.Tensor, torch.Tensor]) -> None:
+    for suffix, tensor in ct.packed_tensors(*packed_and_scale).items():
         writer.write(f"{u.out}.{suffix}", tensor.cpu())
 
 

@@ -1,0 +1,189 @@
+// Device helpers mirroring nvq/formats one to one: each function names the reference it equals.
+// No torch headers: plain CUDA, so every source compiles with nvcc on machines without a GPU.
+// Every rounding is explicit (__fdiv_rn, __fmul_rn, *_rn conversions) because bit-exactness with
+// the reference is the contract; never build these with --use_fast_math.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace nvq {
+
+// dtype codes of the C ABI (nvq/ops.py keeps the same table).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+constexpr float kE2M1Max = 6.0f;           // constants.E2M1_MAX
+constexpr float kFp8E4M3Max = 448.0f;      // constants.FP8_E4M3_MAX
+constexpr float kGlobalNumerator = 2688.0f;  // constants.NVFP4_GLOBAL_NUMERATOR = 448 * 6
+constexpr uint8_t kCtZeroBlockScale = 0x20;  // constants.CT_ZERO_BLOCK_SCALE 0.125 as E4M3
+constexpr int kNvfp4Block = 16;            // constants.NVFP4_BLOCK
+constexpr int kMxfp4Block = 32;            // constants.MXFP4_BLOCK
+constexpr int kE8M0Bias = 127;             // constants.E8M0_BIAS
+constexpr int kE2M1MaxExponent = 2;        // constants.E2M1_MAX_EXPONENT
+constexpr uint32_t kFp32Bits2PowMinus127 = 0x00400000u;  // 2^-127, an fp32 subnormal
+constexpr uint32_t kFp32BitsQuietNan = 0x7FC00000u;
+
+// Per-dtype facts: how to widen, how to round an fp32 value to the dtype (and back), the
+// largest finite value (the ±Inf policy), the smallest normal (CT's amax clamp) and the bit
+// layout that compressed-tensors' EVEN rule reads.
+template <typename T>
+struct Dtype;
+
+template <>
+struct Dtype<float> {
+  static constexpr float kMax = 3.4028234663852886e38f;
+  static constexpr float kTiny = 1.1754943508222875e-38f;
+  static constexpr int kMantissa = 23, kBias = 127, kExponentOnes = 255;
+  __device__ static float widen(float x) { return x; }
+  __device__ static float round(float x) { return x; }
+  __device__ static float narrow(float x) { return x; }
+  __device__ static uint32_t magnitude_bits(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
+};
+
+template <>
+struct Dtype<__half> {
+  static constexpr float kMax = 65504.0f;
+  static constexpr float kTiny = 6.103515625e-05f;
+  static constexpr int kMantissa = 10, kBias = 15, kExponentOnes = 31;
+  __device__ static float widen(__half x) { return __half2float(x); }
+  __device__ static float round(float x) { return __half2float(__float2half_rn(x)); }
+  __device__ static __half narrow(float x) { return __float2half_rn(x); }
+  __device__ static uint32_t magnitude_bits(float x) {
+    return __half_as_ushort(__float2half_rn(x)) & 0x7FFFu;  // x is exact in fp16 here
+  }
+};
+
+template <>
+struct Dtype<__nv_bfloat16> {
+  static constexpr float kMax = 3.3895313892515355e38f;
+  static constexpr float kTiny = 1.1754943508222875e-38f;
+  static constexpr int kMantissa = 7, kBias = 127, kExponentOnes = 255;
+  __device__ static float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+  __device__ static __nv_bfloat16 narrow(float x) { return __float2bfloat16_rn(x); }
+  __device__ static uint32_t magnitude_bits(float x) {
+    return (__float_as_uint(x) >> 16) & 0x7FFFu;  // x is exact in bf16 here
+  }
+};
+
+// _blocks.sanitize: NaN -> 0, ±Inf -> ±(largest finite of the weight dtype).
+template <typename T>
+__device__ __forceinline__ float sanitize(float x) {
+  if (isnan(x)) return 0.0f;
+  if (isinf(x)) return copysignf(Dtype<T>::kMax, x);
+  return x;
+}
+
+// e2m1.encode with Rounding.RNE: NaN -> +0, clamp to ±6, count the midpoints below |y| with
+// ties to the even code (0.75, 1.75, 3.5 round up), sign bit iff y < 0 (so -0.0 gives 0x0).
+__device__ __forceinline__ uint32_t e2m1_encode_rne(float y) {
+  if (isnan(y)) return 0u;
+  y = fminf(fmaxf(y, -kE2M1Max), kE2M1Max);
+  const float a = fabsf(y);
+  uint32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
+                  (a >= 3.5f) + (a > 5.0f);
+  return y < 0.0f ? (code | 0x8u) : code;
+}
+
+// e2m1.decode: codes 0..15 -> value (code 0x8 is -0.0).
+// Built from bits (no table, so nothing lands in local memory): magnitude code e·2 + m is
+// m·0.5 for e == 0, else (1 + m/2)·2^(e-1); the sign is bit 3.
+__device__ __forceinline__ float e2m1_decode(uint32_t code) {
+  const uint32_t e = (code >> 1) & 0x3u, m = code & 0x1u;
+  const uint32_t magnitude = e == 0 ? (m ? 0x3F000000u : 0u) : (((e + 126u) << 23) | (m << 22));
+  return __uint_as_float(magnitude | ((code & 0x8u) << 28));
+}
+
+// scales.fp8_e4m3_encode: clamp to ±448, then round to nearest even (satfinite never triggers
+// after the clamp); returns the raw E4M3FN byte.
+__device__ __forceinline__ uint8_t fp8_e4m3_encode(float x) {
+  x = fminf(fmaxf(x, -kFp8E4M3Max), kFp8E4M3Max);
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ float fp8_e4m3_decode(uint8_t byte) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(byte, __NV_E4M3)));
+}
+
+// nvfp4._ct_global_scale: A = max(amax, tiny_dt); g = rnd_dt(rnd_dt(1/A) · 2688); NaN/Inf -> 1.
+template <typename T>
+__device__ __forceinline__ float ct_global_scale(float amax) {
+  const float a = fmaxf(Dtype<T>::round(sanitize<T>(amax)), Dtype<T>::kTiny);
+  const float r = Dtype<T>::round(__fdiv_rn(1.0f, a));
+  const float g = Dtype<T>::round(__fmul_rn(r, kGlobalNumerator));
+  return isfinite(g) ? g : 1.0f;
+}
+
+// nvfp4._ct_scales for one block: t = rnd_dt(a_b / 6); s = fp8(g · t); s == 0 -> 0x20.
+template <typename T>
+__device__ __forceinline__ uint8_t ct_block_scale(float block_amax, float g) {
+  const float t = Dtype<T>::round(__fdiv_rn(block_amax, kE2M1Max));
+  const uint8_t s = fp8_e4m3_encode(__fmul_rn(g, t));
+  return s == 0 ? kCtZeroBlockScale : s;
+}
+
+// scales._even_exponent + e8m0_from_amax: compressed-tensors' round_to_power_2 on the dtype's
+// own bits (a quarter-ulp add carries into the exponent iff the mantissa is >= 1.75), then
+// byte = clamp(127 + E - 2, 0, 255); a zero exponent field gives byte 0, a carry into the
+// all-ones field (or a non-finite amax) gives 255.
+template <typename T>
+__device__ __forceinline__ uint32_t e8m0_even_byte(float amax) {
+  if (!isfinite(amax)) return 255u;
+  const uint32_t bits = Dtype<T>::magnitude_bits(amax);
+  const int field = static_cast<int>((bits + (1u << (Dtype<T>::kMantissa - 2))) >> Dtype<T>::kMantissa);
+  if (field == 0) return 0u;
+  if (field >= Dtype<T>::kExponentOnes) return 255u;
+  const int byte = field - Dtype<T>::kBias + kE8M0Bias - kE2M1MaxExponent;
+  return static_cast<uint32_t>(min(max(byte, 0), 255));
+}
+
+// scales.e8m0_decode in fp32: 2^(byte-127) built from bits; 0 -> 2^-127, 255 -> NaN.
+__device__ __forceinline__ float e8m0_decode(uint32_t byte) {
+  if (byte == 0u) return __uint_as_float(kFp32Bits2PowMinus127);
+  if (byte == 255u) return __uint_as_float(kFp32BitsQuietNan);
+  return __uint_as_float(byte << 23);
+}
+
+// 16-byte vector I/O: T elements per uint4.
+template <typename T>
+struct Vec {
+  static constexpr int kPerVec = 16 / sizeof(T);
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_block(const T* __restrict__ src, float (&out)[N]) {
+  const uint4* v = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+  for (int i = 0; i < N / Vec<T>::kPerVec; ++i) {
+    uint4 word = __ldg(v + i);  // read-only path: every byte is read exactly once
+    const T* e = reinterpret_cast<const T*>(&word);
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kPerVec; ++j) out[i * Vec<T>::kPerVec + j] = Dtype<T>::widen(e[j]);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_block(T* __restrict__ dst, const float (&in)[N]) {
+  uint4* v = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int i = 0; i < N / Vec<T>::kPerVec; ++i) {
+    uint4 word;
+    T* e = reinterpret_cast<T*>(&word);
+#pragma unroll
+    for (int j = 0; j < Vec<T>::kPerVec; ++j) e[j] = Dtype<T>::narrow(in[i * Vec<T>::kPerVec + j]);
+    v[i] = word;
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline int grid_for(long long work_items, int threads) {
+  // Enough blocks to fill the chip several times; kernels stride over the rest.
+  const long long blocks = (work_items + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535LL * 16 ? (blocks > 0 ? blocks : 1) : 65535LL * 16);
+}
+
+}  // namespace nvq

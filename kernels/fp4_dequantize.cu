@@ -1,0 +1,86 @@
+// NVFP4 and MXFP4 dequantize kernels, equal to nvq.formats.nvfp4.dequantize /
+// nvq.formats.mxfp4.dequantize: each value is e2m1 · step in fp32, rounded once to the output
+// dtype. One thread owns one scale block; its packed bytes arrive as one 8- or 16-byte load.
+#include "fp4.cuh"
+
+namespace nvq {
+
+constexpr int kDequantThreads = 256;
+
+template <typename T>
+__global__ void nvfp4_dequantize_kernel(const uint2* __restrict__ packed, const uint8_t* __restrict__ block_scale,
+                                        const float* __restrict__ global_scale, long long n_blocks, T* __restrict__ out) {
+  const float g = global_scale[0];
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n_blocks; b += stride) {
+    const uint2 codes = __ldg(packed + b);
+    // nvfp4.block_step: fp32(s / g), one IEEE division (compressed-tensors' decompression order).
+    const float step = __fdiv_rn(fp8_e4m3_decode(__ldg(block_scale + b)), g);
+    float v[kNvfp4Block];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      v[j] = __fmul_rn(e2m1_decode((codes.x >> (4 * j)) & 0xFu), step);
+      v[8 + j] = __fmul_rn(e2m1_decode((codes.y >> (4 * j)) & 0xFu), step);
+    }
+    store_block<T, kNvfp4Block>(out + b * kNvfp4Block, v);
+  }
+}
+
+template <typename T>
+__global__ void mxfp4_dequantize_kernel(const uint4* __restrict__ packed, const uint8_t* __restrict__ scale,
+                                        long long n_blocks, T* __restrict__ out) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n_blocks; b += stride) {
+    const uint4 codes = __ldg(packed + b);
+    const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
+    const float s = e8m0_decode(__ldg(scale + b));  // exact power of two (or NaN for byte 255)
+    float v[kMxfp4Block];
+#pragma unroll
+    for (int j = 0; j < kMxfp4Block; ++j) v[j] = __fmul_rn(e2m1_decode((words[j / 8] >> (4 * (j % 8))) & 0xFu), s);
+    store_block<T, kMxfp4Block>(out + b * kMxfp4Block, v);
+  }
+}
+
+}  // namespace nvq
+
+template <typename Launch>
+static int dispatch_out(int dtype, Launch launch) {
+  switch (dtype) {
+    case nvq::kFloat32: launch(float{}); break;
+    case nvq::kFloat16: launch(__half{}); break;
+    case nvq::kBFloat16: launch(__nv_bfloat16{}); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned char* block_scale,
+                                    const float* global_scale, long long rows, long long k, int dtype, void* out,
+                                    void* stream) {
+  if (rows < 0 || k < 0 || k % nvq::kNvfp4Block || !nvq::aligned16(packed) || !nvq::aligned16(out)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const long long n_blocks = rows * (k / nvq::kNvfp4Block);
+  if (n_blocks == 0) return 0;
+  const int grid = nvq::grid_for(n_blocks, nvq::kDequantThreads);
+  return dispatch_out(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    nvq::nvfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<T*>(out));
+  });
+}
+
+extern "C" int nvq_mxfp4_dequantize(const unsigned char* packed, const unsigned char* scale, long long rows,
+                                    long long k, int dtype, void* out, void* stream) {
+  if (rows < 0 || k < 0 || k % nvq::kMxfp4Block || !nvq::aligned16(packed) || !nvq::aligned16(out)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  const long long n_blocks = rows * (k / nvq::kMxfp4Block);
+  if (n_blocks == 0) return 0;
+  const int grid = nvq::grid_for(n_blocks, nvq::kDequantThreads);
+  return dispatch_out(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    nvq::mxfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        reinterpret_cast<const uint4*>(packed), scale, n_blocks, static_cast<T*>(out));
+  });
+}

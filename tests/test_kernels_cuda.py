@@ -1,0 +1,175 @@
+"""CUDA kernels equal the reference codecs byte for byte (packed codes, block scales, global scale
+bits) and dequantize exactly as the reference does. Run on a GPU machine: pytest -m cuda.
+
+Without CUDA these tests fail rather than skip; CI deselects them with -m "not cuda".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvq import ops
+from nvq.formats import e2m1, mxfp4, nvfp4
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# rows × K: 1, 7, 100 and 8192 rows; K from one NVFP4 block (16) to 28672.
+SHAPES = [(1, 32), (1, 28672), (7, 96), (7, 4096), (100, 64), (100, 2816), (100, 28672), (8192, 64), (8192, 704)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.fail("needs a CUDA GPU; deselect with -m 'not cuda' on machines without one")
+    assert ops.kernels_available(), "the CUDA kernels did not build on this GPU machine"
+
+
+def reference_nvfp4(w_cpu: torch.Tensor, g: torch.Tensor | None = None):
+    q = nvfp4.quantize(w_cpu, global_scale=g)
+    return e2m1.pack_pairs(q.codes), q.block_scale.view(torch.uint8), q.global_scale
+
+
+def kernel_nvfp4(w: torch.Tensor, members: list[torch.Tensor] | None = None):
+    group = members or [w]
+    amax = torch.stack([ops.tensor_amax(m.cuda()) for m in group]).amax()
+    g = ops.nvfp4_global_scale(amax, w.dtype)
+    packed, scale = ops.nvfp4_quantize_packed(w.cuda(), g)
+    assert ops.backend("nvfp4_quantize_packed") == "cuda"
+    return packed.cpu(), scale.view(torch.uint8).cpu(), g.cpu()
+
+
+def assert_nvfp4_equal(w: torch.Tensor, members: list[torch.Tensor] | None = None):
+    group = members or [w]
+    g_ref = nvfp4.global_scale(torch.stack([nvfp4.tensor_amax(m) for m in group]).amax(), w.dtype)
+    ref = reference_nvfp4(w, g_ref)
+    got = kernel_nvfp4(w, members)
+    assert torch.equal(got[2].view(torch.int32), ref[2].view(torch.int32)), "global scale bits differ"
+    assert_bytes_equal(got[1], ref[1], "block scales")
+    assert_bytes_equal(got[0], ref[0], "packed codes")
+
+
+def assert_mxfp4_equal(w: torch.Tensor):
+    q = mxfp4.quantize(w)
+    packed, scale = ops.mxfp4_quantize_packed(w.cuda())
+    assert ops.backend("mxfp4_quantize_packed") == "cuda"
+    assert_bytes_equal(scale.cpu(), q.scale, "E8M0 scales")
+    assert_bytes_equal(packed.cpu(), e2m1.pack_pairs(q.codes), "packed codes")
+
+
+def assert_bytes_equal(got: torch.Tensor, want: torch.Tensor, what: str):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    bad = (got != want).nonzero()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.shape[0]} of {got.numel()} bytes differ; first at {bad[0].tolist()}: "
+        f"kernel {got[tuple(bad[0])]:#04x} vs reference {want[tuple(bad[0])]:#04x}"
+    )
+
+
+def random_weight(shape, dtype, std, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_random_equals_reference(shape, dtype):
+    for i, std in enumerate((1e-4, 0.02, 1.0)):
+        w = random_weight(shape, dtype, std, seed=i)
+        assert_nvfp4_equal(w)
+        assert_mxfp4_equal(w)
+
+
+def edge_weights(dtype) -> dict[str, torch.Tensor]:
+    finfo = torch.finfo(dtype)
+    k = 64
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, 6.0])
+    rows = {
+        "zeros": torch.zeros(4, k),
+        "signed zeros": torch.tensor([0.0, -0.0] * (k // 2)).repeat(3, 1),
+        # block amax 6 makes the block step 1 (global amax 6: g = 448, s = 448): exact E2M1 ties
+        "exact ties": ties.repeat(2, k // 16),
+        "ties scaled": (ties * 0.5).repeat(2, k // 16),
+        "all-zero block": torch.cat([torch.zeros(2, 16), torch.randn(2, k - 16)], 1),
+        "tiny negatives": torch.cat([torch.full((2, 16), -1e-7), torch.ones(2, 16), torch.randn(2, k - 32)], 1),
+        # blocks far below the tensor amax get E4M3 subnormal (or zero → 0x20) block scales
+        "subnormal block scales": torch.cat([torch.randn(2, 16) * 1e-3, torch.randn(2, 16) * 1e-5,
+                                             torch.full((2, 16), 500.0), torch.randn(2, 16) * 0.1], 1),
+        "dtype max": torch.full((2, k), finfo.max),
+        "dtype tiny": torch.full((2, k), finfo.tiny) * torch.randn(2, k).sign(),
+        "huge outlier": torch.cat([torch.randn(2, k - 1) * 0.01, torch.full((2, 1), 1e4 if dtype != torch.float16 else 6e4)], 1),
+        "mantissa 1.75 amax": torch.cat([torch.full((2, 1), 1.75), torch.randn(2, 31) * 0.1,
+                                         torch.full((2, 1), 1.74), torch.randn(2, 31) * 0.1], 1),
+    }
+    return {name: t.to(dtype) for name, t in rows.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_edge_cases_equal_reference(dtype):
+    for name, w in edge_weights(dtype).items():
+        try:
+            assert_nvfp4_equal(w)
+            assert_mxfp4_equal(w)
+        except AssertionError as e:
+            raise AssertionError(f"{name} ({dtype}): {e}") from None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_follow_the_reference_policy(dtype):
+    w = random_weight((3, 64), dtype, 0.02, seed=7)
+    w[0, 3] = float("nan")
+    w[1, 17] = float("inf")
+    w[2, 40] = float("-inf")
+    assert_nvfp4_equal(w)
+    assert_mxfp4_equal(w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fusion_group_shares_one_global_scale(dtype):
+    q = random_weight((64, 128), dtype, 0.02, seed=1)
+    k = random_weight((32, 128), dtype, 0.5, seed=2)  # the group amax comes from k
+    v = random_weight((32, 128), dtype, 0.01, seed=3)
+    for member in (q, k, v):
+        assert_nvfp4_equal(member, members=[q, k, v])
+
+
+def test_amax_accumulates_over_chunks_and_unaligned_lengths():
+    w = random_weight((1, 1000 * 8 + 3), torch.bfloat16, 1.0, seed=4).reshape(-1)
+    assert torch.equal(ops.tensor_amax(w.cuda()).cpu(), nvfp4.tensor_amax(w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 4096), (100, 2816), (8192, 704)])
+def test_dequantize_equals_reference(shape, dtype):
+    rows, k = shape
+    gen = torch.Generator().manual_seed(rows + k)
+    packed = torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8, generator=gen)
+    codes = e2m1.unpack_pairs(packed)
+    # every E4M3 byte but the NaNs (0x7F, 0xFF) and the negative half, which no quantizer writes
+    nv_scale = torch.randint(0, 0x7F, (rows, k // 16), dtype=torch.uint8, generator=gen)
+    for g in (torch.tensor([896.0]), torch.tensor([1.0]), torch.tensor([3.0e6])):
+        want = nvfp4.dequantize(nvfp4.NVFP4Quantized(codes, nv_scale.view(torch.float8_e4m3fn), g), dtype)
+        got = ops.nvfp4_dequantize_packed(packed.cuda(), nv_scale.view(torch.float8_e4m3fn).cuda(), g.cuda(), dtype)
+        assert ops.backend("nvfp4_dequantize_packed") == "cuda"
+        assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), f"nvfp4 dequant g={float(g)}"
+    mx_scale = torch.randint(0, 256, (rows, k // 32), dtype=torch.uint8, generator=gen)
+    want = mxfp4.dequantize(mxfp4.MXFP4Quantized(codes, mx_scale), dtype)
+    got = ops.mxfp4_dequantize_packed(packed.cuda(), mx_scale.cuda(), dtype)
+    assert ops.backend("mxfp4_dequantize_packed") == "cuda"
+    # byte 255 decodes to NaN in both; compare bit patterns so NaN == NaN
+    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)), "mxfp4 dequant"
+
+
+def test_convert_on_cuda_writes_the_same_bytes_as_cpu(tmp_path):
+    from nvq.quant.pipeline import convert
+    from tests.support.tiny_models import build_tiny_gemma4
+
+    src = build_tiny_gemma4(tmp_path / "src", "moe")
+    for scheme in ("nvfp4", "mxfp4"):
+        cpu = convert(src, tmp_path / f"cpu-{scheme}", scheme, device="cpu")
+        gpu = convert(src, tmp_path / f"gpu-{scheme}", scheme, device="cuda")
+        assert "cuda" in gpu.device
+        for f in sorted((tmp_path / f"cpu-{scheme}").iterdir()):
+            assert f.read_bytes() == (tmp_path / f"gpu-{scheme}" / f.name).read_bytes(), f"{scheme}: {f.name}"
+        assert cpu.bytes_written == gpu.bytes_written
