@@ -178,7 +178,95 @@ __device__ __forceinline__ void store_block(T* __restrict__ dst, const float (&i
   }
 }
 
+// Max over the `Lanes` consecutive lanes that share one scale block (Lanes divides 32 and the
+// groups start at multiples of Lanes); every lane of the warp must call it.
+template <int Lanes>
+__device__ __forceinline__ float group_max(float m) {
+#pragma unroll
+  for (int offset = Lanes / 2; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
+  return m;
+}
+
+// --- NVFP4 without a division per element ------------------------------------------------
+// The E2M1 code of y = RN(|x| / step) is monotone in |x|, and a block's step = fp32(s / g) takes
+// one of 127 values (the positive E4M3 bytes). So for each byte we tabulate the smallest |x|
+// that reaches each code (and the smallest that makes y nonzero, for the sign bit), using
+// __fdiv_rn itself, and encoding an element is 8 comparisons. Exact by construction.
+constexpr int kScaleBytes = 127;  // 0x00..0x7E: the finite non-negative E4M3 values
+constexpr int kCutoffs = 8;       // y > 0, then the 7 E2M1 midpoints
+
+// Whether RN(c / step), clamped like e2m1_encode_rne, reaches cutoff `i`: i == 0 asks for a
+// nonzero quotient; i >= 1 for code >= i (ties at 0.75, 1.75, 3.5 go up, the others down).
+__device__ __forceinline__ float cutoff_threshold(int i) {
+  switch (i) {
+    case 0: return 0.0f;
+    case 1: return 0.25f;
+    case 2: return 0.75f;
+    case 3: return 1.25f;
+    case 4: return 1.75f;
+    case 5: return 2.5f;
+    case 6: return 3.5f;
+    default: return 5.0f;
+  }
+}
+
+__device__ __forceinline__ bool reaches(float c, float step, int i) {
+  const float y = __fdiv_rn(c, step);
+  const bool ties_up = i == 2 || i == 4 || i == 6;  // 0.75, 1.75, 3.5: the upper code is even
+  return ties_up ? y >= cutoff_threshold(i) : y > cutoff_threshold(i);
+}
+
+// Smallest non-negative float c (by bit pattern, which orders non-negative floats) with
+// reaches(c): start next to the real-valued answer, walk a few ulps, else bisect.
+// Invariant: !reaches(lo) (0 / step = 0 reaches nothing) and reaches(hi) (+inf reaches all).
+__device__ inline float smallest_reaching(float step, int i) {
+  uint32_t lo = 0u, hi = 0x7F800000u;
+  uint32_t c = min(max(__float_as_uint(__fmul_rn(cutoff_threshold(i), step)), 1u), hi - 1u);
+  for (int walk = 0; walk < 4 && lo < c && c < hi; ++walk) {
+    if (reaches(__uint_as_float(c), step, i)) {
+      hi = c--;
+    } else {
+      lo = c++;
+    }
+    if (hi - lo == 1u) return __uint_as_float(hi);
+  }
+  while (hi - lo > 1u) {
+    const uint32_t mid = lo + (hi - lo) / 2u;
+    if (reaches(__uint_as_float(mid), step, i)) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return __uint_as_float(hi);
+}
+
+// E2M1 code and sign of RN(x / step) from the tabulated cutoffs of the block's scale byte.
+__device__ __forceinline__ uint32_t e2m1_encode_by_cutoffs(float x, const float* cut) {
+  const float a = fabsf(x);
+  uint32_t code = 0;
+#pragma unroll
+  for (int i = 1; i < kCutoffs; ++i) code += a >= cut[i] ? 1u : 0u;
+  return (x < 0.0f && a >= cut[0]) ? (code | 0x8u) : code;
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// A grid that the GPU holds resident at once (blocks_per_sm of `threads` each), or less when
+// the work is small: for kernels with a per-block prologue worth amortizing.
+inline int resident_grid(long long work_items, int threads, int blocks_per_sm = 8) {
+  static int sm_count = 0;  // per process; nvq drives one device model at a time
+  if (sm_count == 0) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      sm_count = 132;
+    }
+  }
+  const long long needed = (work_items + threads - 1) / threads;
+  const long long resident = static_cast<long long>(sm_count) * blocks_per_sm;
+  return static_cast<int>(needed < resident ? (needed > 0 ? needed : 1) : resident);
+}
 
 inline int grid_for(long long work_items, int threads) {
   // Enough blocks to fill the chip several times; kernels stride over the rest.

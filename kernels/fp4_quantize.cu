@@ -2,10 +2,9 @@
 // to nvq.formats.nvfp4.quantize / nvq.formats.mxfp4.quantize followed by e2m1.pack_pairs.
 //
 // NVFP4 takes two passes because block scales are encoded against the tensor (or fusion-group)
-// amax: nvq_amax, then nvq_nvfp4_global_scale (one thread), then nvq_nvfp4_quantize. One thread
-// owns one scale block: it reads the block with 16-byte loads, writes its packed codes as one
-// 8- or 16-byte store and its scale byte; neighbouring threads own neighbouring blocks, so every
-// access of a warp is contiguous.
+// amax: nvq_amax, then nvq_nvfp4_global_scale (one thread), then nvq_nvfp4_quantize.
+// Neither quantize kernel divides per element: MXFP4 multiplies by the exact inverse of a power
+// of two, NVFP4 compares against cutoffs tabulated per scale byte (fp4.cuh).
 #include "fp4.cuh"
 
 namespace nvq {
@@ -44,47 +43,78 @@ __global__ void nvfp4_global_scale_kernel(const float* __restrict__ amax, float*
   global_scale[0] = ct_global_scale<T>(amax[0]);
 }
 
+// Little pieces of one scale block live in neighbouring lanes: lane v reads the 16-byte vector v
+// (kPer elements), so a warp's loads and stores are contiguous. The block amax is a shuffle
+// reduction over the block's lanes; each lane writes its own codes, the first lane the scale.
 template <typename T>
-__global__ void nvfp4_quantize_kernel(const T* __restrict__ x, long long n_blocks, const float* __restrict__ global_scale,
-                                      uint2* __restrict__ packed, uint8_t* __restrict__ block_scale) {
+__global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __restrict__ x, long long n_vec,
+                                                                  const float* __restrict__ global_scale,
+                                                                  uint8_t* __restrict__ packed,
+                                                                  uint8_t* __restrict__ block_scale) {
+  constexpr int kPer = Vec<T>::kPerVec;
+  constexpr int kLanes = kNvfp4Block / kPer;
+  __shared__ float cutoffs[kScaleBytes * kCutoffs];
   const float g = global_scale[0];
+  for (int t = threadIdx.x; t < kScaleBytes * kCutoffs; t += blockDim.x) {
+    const float step = __fdiv_rn(fp8_e4m3_decode(static_cast<uint8_t>(t / kCutoffs)), g);
+    cutoffs[t] = smallest_reaching(step, t % kCutoffs);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n_blocks; b += stride) {
-    float v[kNvfp4Block];
-    load_block<T, kNvfp4Block>(x + b * kNvfp4Block, v);
-    float block_amax = 0.0f;
+  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane); base < n_vec;
+       base += stride) {
+    const long long v = base + lane;
+    const bool active = v < n_vec;
+    float e[kPer];
+    float m = 0.0f;
+    if (active) load_block<T, kPer>(x + v * kPer, e);
 #pragma unroll
-    for (int j = 0; j < kNvfp4Block; ++j) {
-      v[j] = sanitize<T>(v[j]);
-      block_amax = fmaxf(block_amax, fabsf(v[j]));
+    for (int j = 0; j < kPer; ++j) {
+      e[j] = active ? sanitize<T>(e[j]) : 0.0f;
+      m = fmaxf(m, fabsf(e[j]));
     }
-    const uint8_t s = ct_block_scale<T>(block_amax, g);
-    // nvfp4.block_step: one IEEE division e = fp32(s / g); then y = fp32(w / e), never w·g/s.
-    const float step = __fdiv_rn(fp8_e4m3_decode(s), g);
-    uint32_t lo = 0, hi = 0;
+    m = group_max<kLanes>(m);  // whole warps iterate together, so every lane takes part
+    if (!active) continue;
+    const uint8_t s = ct_block_scale<T>(m, g);
+    float cut[kCutoffs];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) lo |= e2m1_encode_rne(__fdiv_rn(v[j], step)) << (4 * j);
+    for (int i = 0; i < kCutoffs; ++i) cut[i] = cutoffs[s * kCutoffs + i];
+    uint32_t word = 0;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) hi |= e2m1_encode_rne(__fdiv_rn(v[8 + j], step)) << (4 * j);
-    packed[b] = make_uint2(lo, hi);
-    block_scale[b] = s;
+    for (int j = 0; j < kPer; ++j) word |= e2m1_encode_by_cutoffs(e[j], cut) << (4 * j);
+    if constexpr (kPer == 8) {
+      reinterpret_cast<uint32_t*>(packed)[v] = word;
+    } else {
+      reinterpret_cast<uint16_t*>(packed)[v] = static_cast<uint16_t>(word);
+    }
+    if (lane % kLanes == 0) block_scale[v / kLanes] = s;
   }
 }
 
 template <typename T>
-__global__ void mxfp4_quantize_kernel(const T* __restrict__ x, long long n_blocks, uint4* __restrict__ packed,
-                                      uint8_t* __restrict__ scale) {
+__global__ void __launch_bounds__(kThreads) mxfp4_quantize_kernel(const T* __restrict__ x, long long n_vec,
+                                                                  uint8_t* __restrict__ packed,
+                                                                  uint8_t* __restrict__ scale) {
+  constexpr int kPer = Vec<T>::kPerVec;
+  constexpr int kLanes = kMxfp4Block / kPer;
+  const int lane = threadIdx.x & 31;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n_blocks; b += stride) {
-    float v[kMxfp4Block];
-    load_block<T, kMxfp4Block>(x + b * kMxfp4Block, v);
-    float block_amax = 0.0f;
+  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane); base < n_vec;
+       base += stride) {
+    const long long v = base + lane;
+    const bool active = v < n_vec;
+    float e[kPer];
+    float m = 0.0f;
+    if (active) load_block<T, kPer>(x + v * kPer, e);
 #pragma unroll
-    for (int j = 0; j < kMxfp4Block; ++j) {
-      v[j] = sanitize<T>(v[j]);
-      block_amax = fmaxf(block_amax, fabsf(v[j]));
+    for (int j = 0; j < kPer; ++j) {
+      e[j] = active ? sanitize<T>(e[j]) : 0.0f;
+      m = fmaxf(m, fabsf(e[j]));
     }
-    uint32_t byte = e8m0_even_byte<T>(block_amax);
+    m = group_max<kLanes>(m);
+    if (!active) continue;
+    uint32_t byte = e8m0_even_byte<T>(m);
     // mxfp4.quantize: the scale lives in the weight dtype; one that underflows there (fp16)
     // is replaced by 1 (byte 127), as compressed-tensors does.
     float s = Dtype<T>::round(e8m0_decode(byte));
@@ -92,15 +122,18 @@ __global__ void mxfp4_quantize_kernel(const T* __restrict__ x, long long n_block
       byte = kE8M0Bias;
       s = 1.0f;
     }
-    uint32_t word[4] = {0, 0, 0, 0};
+    // s is a power of two, so 1/s is exact and w·(1/s) is the correctly rounded w/s; then the
+    // quotient is rounded to the weight dtype, as torch divides in that dtype.
+    const float inverse = __frcp_rn(s);
+    uint32_t word = 0;
 #pragma unroll
-    for (int j = 0; j < kMxfp4Block; ++j) {
-      // y = w / scale in the weight dtype: an fp32 division rounded once to the dtype.
-      const float y = Dtype<T>::round(__fdiv_rn(v[j], s));
-      word[j / 8] |= e2m1_encode_rne(y) << (4 * (j % 8));
+    for (int j = 0; j < kPer; ++j) word |= e2m1_encode_rne(Dtype<T>::round(__fmul_rn(e[j], inverse))) << (4 * j);
+    if constexpr (kPer == 8) {
+      reinterpret_cast<uint32_t*>(packed)[v] = word;
+    } else {
+      reinterpret_cast<uint16_t*>(packed)[v] = static_cast<uint16_t>(word);
     }
-    packed[b] = make_uint4(word[0], word[1], word[2], word[3]);
-    scale[b] = static_cast<uint8_t>(byte);
+    if (lane % kLanes == 0) scale[v / kLanes] = static_cast<uint8_t>(byte);
   }
 }
 
@@ -143,13 +176,14 @@ extern "C" int nvq_nvfp4_quantize(const void* x, long long rows, long long k, in
   if (rows < 0 || k < 0 || k % nvq::kNvfp4Block || !nvq::aligned16(x) || !nvq::aligned16(packed)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const long long n_blocks = rows * (k / nvq::kNvfp4Block);
-  if (n_blocks == 0) return 0;
-  const int grid = nvq::grid_for(n_blocks, nvq::kThreads);
+  if (rows * k == 0) return 0;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
+    // Persistent grid: each block tabulates its cutoffs once, then strides over the tensor.
+    const int grid = nvq::resident_grid(n_vec, nvq::kThreads);
     nvq::nvfp4_quantize_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), n_blocks, global_scale, reinterpret_cast<uint2*>(packed), block_scale);
+        static_cast<const T*>(x), n_vec, global_scale, packed, block_scale);
   });
 }
 
@@ -158,12 +192,12 @@ extern "C" int nvq_mxfp4_quantize(const void* x, long long rows, long long k, in
   if (rows < 0 || k < 0 || k % nvq::kMxfp4Block || !nvq::aligned16(x) || !nvq::aligned16(packed)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  const long long n_blocks = rows * (k / nvq::kMxfp4Block);
-  if (n_blocks == 0) return 0;
-  const int grid = nvq::grid_for(n_blocks, nvq::kThreads);
+  if (rows * k == 0) return 0;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
+    const int grid = nvq::grid_for(n_vec, nvq::kThreads);
     nvq::mxfp4_quantize_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), n_blocks, reinterpret_cast<uint4*>(packed), scale);
+        static_cast<const T*>(x), n_vec, packed, scale);
   });
 }
