@@ -187,9 +187,9 @@ def test_values_a_few_ulps_around_every_code_boundary():
     gen = torch.Generator().manual_seed(11)
     n_blocks = 2048
     amax = torch.exp2(torch.empty(n_blocks).uniform_(-20, 2, generator=gen))  # many scale bytes
-    w = torch.zeros(n_blocks, 16)
-    w[:, 0] = amax
-    w[0, 0] = 6.0  # the tensor amax, so g is known
+    w = torch.zeros(n_blocks, 32)  # two blocks per row with the same amax, so the same step
+    w[:, 0] = w[:, 16] = amax
+    w[0, 0] = w[0, 16] = 6.0  # the tensor amax, so g is known
     q = nvfp4.quantize(w)
     step = q.block_scale.float()[:, 0] / q.global_scale
     targets = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
@@ -203,9 +203,10 @@ def test_values_a_few_ulps_around_every_code_boundary():
             near.append(x)
     tiny = (step * 2.0**-149).unsqueeze(1)  # around the smallest nonzero quotient
     near += [tiny, torch.nextafter(tiny, torch.zeros_like(tiny))]
-    body = torch.cat(near, dim=1)[:, :15]
-    signs = torch.where(torch.rand(body.shape, generator=gen) < 0.5, -1.0, 1.0)
-    w[:, 1:] = torch.minimum(body, amax.unsqueeze(1)) * signs
+    body = torch.cat(near, dim=1)  # 23 columns
+    body = torch.cat([body, body[:, :7]], dim=1)
+    body = torch.minimum(body, w[:, :1]) * torch.where(torch.rand(body.shape, generator=gen) < 0.5, -1.0, 1.0)
+    w[:, 1:16], w[:, 17:32] = body[:, :15], body[:, 15:]
     assert int((q.block_scale.view(torch.uint8)).unique().numel()) > 40
     assert_nvfp4_equal(w)
     for dtype in (torch.bfloat16, torch.float16):
