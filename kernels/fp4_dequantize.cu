@@ -20,12 +20,17 @@ __global__ void nvfp4_dequantize_kernel(const uint8_t* __restrict__ packed, cons
                                         const float* __restrict__ global_scale, long long n_vec, T* __restrict__ out) {
   constexpr int kPer = Vec<T>::kPerVec;
   constexpr int kLanes = kNvfp4Block / kPer;
+  // nvfp4.block_step: fp32(s / g), one IEEE division (compressed-tensors' decompression order),
+  // tabulated once per block for the 128 non-negative E4M3 bytes (0x7F is NaN).
+  __shared__ float steps[kScaleBytes + 1];
   const float g = global_scale[0];
+  for (int b = threadIdx.x; b <= kScaleBytes; b += blockDim.x) steps[b] = __fdiv_rn(fp8_e4m3_decode(static_cast<uint8_t>(b)), g);
+  __syncthreads();
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long v = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; v < n_vec; v += stride) {
     const uint32_t codes = load_codes<T>(packed, v);
-    // nvfp4.block_step: fp32(s / g), one IEEE division (compressed-tensors' decompression order).
-    const float step = __fdiv_rn(fp8_e4m3_decode(__ldg(block_scale + v / kLanes)), g);
+    const uint8_t s = __ldg(block_scale + v / kLanes);
+    const float step = s <= kScaleBytes ? steps[s] : __fdiv_rn(fp8_e4m3_decode(s), g);  // sign bit set: rare
     float e[kPer];
 #pragma unroll
     for (int j = 0; j < kPer; ++j) e[j] = __fmul_rn(e2m1_decode((codes >> (4 * j)) & 0xFu), step);
