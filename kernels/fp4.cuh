@@ -77,14 +77,22 @@ __device__ __forceinline__ float sanitize(float x) {
   return x;
 }
 
-// e2m1.encode with Rounding.RNE: NaN -> +0, clamp to ±6, count the midpoints below |y| with
-// ties to the even code (0.75, 1.75, 3.5 round up), sign bit iff y < 0 (so -0.0 gives 0x0).
-__device__ __forceinline__ uint32_t e2m1_encode_rne(float y) {
-  if (isnan(y)) return 0u;
-  y = fminf(fmaxf(y, -kE2M1Max), kE2M1Max);
-  const float a = fabsf(y);
-  uint32_t code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
-                  (a >= 3.5f) + (a > 5.0f);
+// Number of cutoffs c[1..7] (ascending) that a reaches, i.e. the E2M1 magnitude code, with three
+// comparisons down a binary tree instead of seven.
+__device__ __forceinline__ uint32_t count_reached(float a, const float (&c)[8]) {
+  const bool b4 = a >= c[4];
+  const bool b2 = a >= (b4 ? c[6] : c[2]);
+  const bool b1 = a >= (b4 ? (b2 ? c[7] : c[5]) : (b2 ? c[3] : c[1]));
+  return (b4 ? 4u : 0u) | (b2 ? 2u : 0u) | (b1 ? 1u : 0u);
+}
+
+// e2m1.encode with Rounding.RNE for finite y (ties to the even code, sign bit iff y < 0, so
+// -0.0 gives 0x0; values past 6 saturate to code 7), as cutoffs: code >= i iff |y| >= cutoff i. The midpoints where
+// RNE rounds down (0.25, 1.25, 2.5, 5.0) need |y| strictly above them: the next float up.
+__device__ __forceinline__ uint32_t e2m1_encode_rne_finite(float y) {
+  const float cut[8] = {0.0f, __uint_as_float(0x3E800001u), 0.75f, __uint_as_float(0x3FA00001u), 1.75f,
+                        __uint_as_float(0x40200001u), 3.5f, __uint_as_float(0x40A00001u)};
+  const uint32_t code = count_reached(fabsf(y), cut);
   return y < 0.0f ? (code | 0x8u) : code;
 }
 
@@ -242,11 +250,9 @@ __device__ inline float smallest_reaching(float step, int i) {
 }
 
 // E2M1 code and sign of RN(x / step) from the tabulated cutoffs of the block's scale byte.
-__device__ __forceinline__ uint32_t e2m1_encode_by_cutoffs(float x, const float* cut) {
+__device__ __forceinline__ uint32_t e2m1_encode_by_cutoffs(float x, const float (&cut)[kCutoffs]) {
   const float a = fabsf(x);
-  uint32_t code = 0;
-#pragma unroll
-  for (int i = 1; i < kCutoffs; ++i) code += a >= cut[i] ? 1u : 0u;
+  const uint32_t code = count_reached(a, cut);
   return (x < 0.0f && a >= cut[0]) ? (code | 0x8u) : code;
 }
 

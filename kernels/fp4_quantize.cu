@@ -124,10 +124,15 @@ __global__ void __launch_bounds__(kThreads) mxfp4_quantize_kernel(const T* __res
     }
     // s is a power of two, so 1/s is exact and w·(1/s) is the correctly rounded w/s; then the
     // quotient is rounded to the weight dtype, as torch divides in that dtype.
+    // A NaN scale (byte 255, the EVEN rule's overflow) makes every quotient NaN: all codes 0x0.
     const float inverse = __frcp_rn(s);
     uint32_t word = 0;
+    if (byte != 255u) {
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) word |= e2m1_encode_rne(Dtype<T>::round(__fmul_rn(e[j], inverse))) << (4 * j);
+      for (int j = 0; j < kPer; ++j) {
+        word |= e2m1_encode_rne_finite(Dtype<T>::round(__fmul_rn(e[j], inverse))) << (4 * j);
+      }
+    }
     if constexpr (kPer == 8) {
       reinterpret_cast<uint32_t*>(packed)[v] = word;
     } else {
