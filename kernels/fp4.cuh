@@ -69,12 +69,19 @@ struct Dtype<__nv_bfloat16> {
   }
 };
 
-// _blocks.sanitize: NaN -> 0, ±Inf -> ±(largest finite of the weight dtype).
+// _blocks.sanitize (NaN -> 0, ±Inf -> ±dtype max), split where it is cheapest:
+// * amax: fmaxf ignores a NaN operand (IEEE maxNum), so a running max of |x| already treats NaN
+//   as 0; clamping the finished max to the dtype max handles ±Inf.
+// * encoding: a NaN fails every cutoff comparison and `< 0`, so it encodes to 0x0 exactly like
+//   the 0 it stands for; only ±Inf must become ±max before encoding.
 template <typename T>
-__device__ __forceinline__ float sanitize(float x) {
-  if (isnan(x)) return 0.0f;
-  if (isinf(x)) return copysignf(Dtype<T>::kMax, x);
-  return x;
+__device__ __forceinline__ float finite_max(float running_max_of_abs) {
+  return fminf(running_max_of_abs, Dtype<T>::kMax);
+}
+
+template <typename T>
+__device__ __forceinline__ float clamp_infinite(float x) {
+  return fabsf(x) > Dtype<T>::kMax ? copysignf(Dtype<T>::kMax, x) : x;
 }
 
 // Number of cutoffs c[1..7] (ascending) that a reaches, i.e. the E2M1 magnitude code, with three
@@ -86,8 +93,8 @@ __device__ __forceinline__ uint32_t count_reached(float a, const float (&c)[8]) 
   return (b4 ? 4u : 0u) | (b2 ? 2u : 0u) | (b1 ? 1u : 0u);
 }
 
-// e2m1.encode with Rounding.RNE for finite y (ties to the even code, sign bit iff y < 0, so
-// -0.0 gives 0x0; values past 6 saturate to code 7), as cutoffs: code >= i iff |y| >= cutoff i. The midpoints where
+// e2m1.encode with Rounding.RNE for y other than ±Inf (ties to the even code, sign bit iff y < 0, so
+// -0.0 gives 0x0; past 6 saturates to code 7; NaN fails every test: 0x0), as cutoffs: code >= i iff |y| >= cutoff i. The midpoints where
 // RNE rounds down (0.25, 1.25, 2.5, 5.0) need |y| strictly above them: the next float up.
 __device__ __forceinline__ uint32_t e2m1_encode_rne_finite(float y) {
   const float cut[8] = {0.0f, __uint_as_float(0x3E800001u), 0.75f, __uint_as_float(0x3FA00001u), 1.75f,
@@ -119,7 +126,7 @@ __device__ __forceinline__ float fp8_e4m3_decode(uint8_t byte) {
 // nvfp4._ct_global_scale: A = max(amax, tiny_dt); g = rnd_dt(rnd_dt(1/A) · 2688); NaN/Inf -> 1.
 template <typename T>
 __device__ __forceinline__ float ct_global_scale(float amax) {
-  const float a = fmaxf(Dtype<T>::round(sanitize<T>(amax)), Dtype<T>::kTiny);
+  const float a = fmaxf(Dtype<T>::round(finite_max<T>(fmaxf(amax, 0.0f))), Dtype<T>::kTiny);
   const float r = Dtype<T>::round(__fdiv_rn(1.0f, a));
   const float g = Dtype<T>::round(__fmul_rn(r, kGlobalNumerator));
   return isfinite(g) ? g : 1.0f;

@@ -21,11 +21,12 @@ __global__ void amax_kernel(const T* __restrict__ x, long long n, float* __restr
     float v[kPer];
     load_block<T, kPer>(x + i * kPer, v);
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) m = fmaxf(m, fabsf(sanitize<T>(v[j])));
+    for (int j = 0; j < kPer; ++j) m = fmaxf(m, fabsf(v[j]));
   }
   for (long long i = n_vec * kPer + blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    m = fmaxf(m, fabsf(sanitize<T>(Dtype<T>::widen(x[i]))));
+    m = fmaxf(m, fabsf(Dtype<T>::widen(x[i])));
   }
+  m = finite_max<T>(m);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
   __shared__ float warp_max[kThreads / 32];
@@ -71,8 +72,8 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
     if (active) load_block<T, kPer>(x + v * kPer, e);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      e[j] = active ? sanitize<T>(e[j]) : 0.0f;
-      m = fmaxf(m, fabsf(e[j]));
+      e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
+      m = fmaxf(m, fabsf(e[j]));  // NaN-ignoring: the reference's NaN -> 0
     }
     m = group_max<kLanes>(m);  // whole warps iterate together, so every lane takes part
     if (!active) continue;
@@ -109,8 +110,8 @@ __global__ void __launch_bounds__(kThreads) mxfp4_quantize_kernel(const T* __res
     if (active) load_block<T, kPer>(x + v * kPer, e);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      e[j] = active ? sanitize<T>(e[j]) : 0.0f;
-      m = fmaxf(m, fabsf(e[j]));
+      e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
+      m = fmaxf(m, fabsf(e[j]));  // NaN-ignoring: the reference's NaN -> 0
     }
     m = group_max<kLanes>(m);
     if (!active) continue;
