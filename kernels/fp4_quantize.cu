@@ -17,13 +17,25 @@ __global__ void amax_kernel(const T* __restrict__ x, long long n, float* __restr
   float m = 0.0f;
   const long long n_vec = n / kPer;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n_vec; i += stride) {
+  long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  // Four independent 16-byte loads in flight per thread before any is used.
+  for (; i + 3 * stride < n_vec; i += 4 * stride) {
+    float v[4][kPer];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) load_block<T, kPer>(x + (i + u * stride) * kPer, v[u]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) m = fmaxf(m, fabsf(v[u][j]));
+    }
+  }
+  for (; i < n_vec; i += stride) {
     float v[kPer];
     load_block<T, kPer>(x + i * kPer, v);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) m = fmaxf(m, fabsf(v[j]));
   }
-  for (long long i = n_vec * kPer + blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+  for (i = n_vec * kPer + blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n; i += stride) {
     m = fmaxf(m, fabsf(Dtype<T>::widen(x[i])));
   }
   m = finite_max<T>(m);
@@ -162,7 +174,8 @@ static int dispatch(int dtype, Launch launch) {
 extern "C" int nvq_amax(const void* x, long long n_elements, int dtype, float* amax, void* stream) {
   if (n_elements < 0 || !nvq::aligned16(x)) return static_cast<int>(cudaErrorInvalidValue);
   if (n_elements == 0) return 0;
-  const int grid = nvq::grid_for((n_elements + 7) / 8, nvq::kThreads);
+  // Resident grid: one atomic per block, and each thread strides over many vectors.
+  const int grid = nvq::resident_grid((n_elements + 7) / 8, nvq::kThreads);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     nvq::amax_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
