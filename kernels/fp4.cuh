@@ -265,19 +265,19 @@ __device__ __forceinline__ uint32_t e2m1_encode_by_cutoffs(float x, const float 
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// A grid that the GPU holds resident at once (blocks_per_sm of `threads` each), or less when
-// the work is small: for kernels with a per-block prologue worth amortizing.
-inline int resident_grid(long long work_items, int threads, int blocks_per_sm = 8) {
-  static int sm_count = 0;  // per process; nvq drives one device model at a time
-  if (sm_count == 0) {
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      sm_count = 132;
-    }
+// A grid the GPU holds resident at once (as many blocks of `threads` as the occupancy of `kernel`
+// allows on every multiprocessor), or less when the work is small: for kernels with a per-block
+// prologue worth amortizing, or a per-block atomic. Sizing it from the occupancy avoids a tail
+// of blocks that wait for a second wave.
+template <typename Kernel>
+inline int resident_grid(Kernel kernel, long long work_items, int threads) {
+  int device = 0, sm_count = 132, per_sm = 1;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
   }
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
   const long long needed = (work_items + threads - 1) / threads;
-  const long long resident = static_cast<long long>(sm_count) * blocks_per_sm;
+  const long long resident = static_cast<long long>(sm_count) * (per_sm > 0 ? per_sm : 1);
   return static_cast<int>(needed < resident ? (needed > 0 ? needed : 1) : resident);
 }
 

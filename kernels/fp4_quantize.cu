@@ -75,13 +75,18 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane); base < n_vec;
-       base += stride) {
+  long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane);
+  float next[kPer];
+  if (base + lane < n_vec) load_block<T, kPer>(x + (base + lane) * kPer, next);
+  for (; base < n_vec; base += stride) {
     const long long v = base + lane;
     const bool active = v < n_vec;
     float e[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) e[j] = next[j];
+    // Software pipelining: the next vector's load is in flight while this one is encoded.
+    if (v + stride < n_vec) load_block<T, kPer>(x + (v + stride) * kPer, next);
     float m = 0.0f;
-    if (active) load_block<T, kPer>(x + v * kPer, e);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
@@ -113,13 +118,18 @@ __global__ void __launch_bounds__(kThreads) mxfp4_quantize_kernel(const T* __res
   constexpr int kLanes = kMxfp4Block / kPer;
   const int lane = threadIdx.x & 31;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane); base < n_vec;
-       base += stride) {
+  long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane);
+  float next[kPer];
+  if (base + lane < n_vec) load_block<T, kPer>(x + (base + lane) * kPer, next);
+  for (; base < n_vec; base += stride) {
     const long long v = base + lane;
     const bool active = v < n_vec;
     float e[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) e[j] = next[j];
+    // Software pipelining: the next vector's load is in flight while this one is encoded.
+    if (v + stride < n_vec) load_block<T, kPer>(x + (v + stride) * kPer, next);
     float m = 0.0f;
-    if (active) load_block<T, kPer>(x + v * kPer, e);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
@@ -175,9 +185,9 @@ extern "C" int nvq_amax(const void* x, long long n_elements, int dtype, float* a
   if (n_elements < 0 || !nvq::aligned16(x)) return static_cast<int>(cudaErrorInvalidValue);
   if (n_elements == 0) return 0;
   // Resident grid: one atomic per block, and each thread strides over many vectors.
-  const int grid = nvq::resident_grid((n_elements + 7) / 8, nvq::kThreads);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const int grid = nvq::resident_grid(nvq::amax_kernel<T>, (n_elements + 7) / 8, nvq::kThreads);
     nvq::amax_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), n_elements, amax);
   });
@@ -200,7 +210,7 @@ extern "C" int nvq_nvfp4_quantize(const void* x, long long rows, long long k, in
     using T = decltype(tag);
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
     // Persistent grid: each block tabulates its cutoffs once, then strides over the tensor.
-    const int grid = nvq::resident_grid(n_vec, nvq::kThreads);
+    const int grid = nvq::resident_grid(nvq::nvfp4_quantize_kernel<T>, n_vec, nvq::kThreads);
     nvq::nvfp4_quantize_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), n_vec, global_scale, packed, block_scale);
   });
@@ -215,7 +225,7 @@ extern "C" int nvq_mxfp4_quantize(const void* x, long long rows, long long k, in
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
-    const int grid = nvq::grid_for(n_vec, nvq::kThreads);
+    const int grid = nvq::resident_grid(nvq::mxfp4_quantize_kernel<T>, n_vec, nvq::kThreads);
     nvq::mxfp4_quantize_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), n_vec, packed, scale);
   });
