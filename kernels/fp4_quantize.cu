@@ -225,7 +225,7 @@ extern "C" int nvq_mxfp4_quantize(const void* x, long long rows, long long k, in
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
-    const int grid = nvq::resident_grid(nvq::mxfp4_quantize_kernel<T>, n_vec, nvq::kThreads);
+    const int grid = nvq::grid_for(n_vec, nvq::kThreads);  // measured faster than a resident grid here
     nvq::mxfp4_quantize_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<const T*>(x), n_vec, packed, scale);
   });
