@@ -263,6 +263,19 @@ __device__ __forceinline__ uint32_t e2m1_encode_by_cutoffs(float x, const float 
   return (x < 0.0f && a >= cut[0]) ? (code | 0x8u) : code;
 }
 
+// Runs `launch` with the element type the dtype code names (a host-side generic lambda taking a
+// value of that type); an unknown code is an invalid value. Returns the launch's error, if any.
+template <typename Launch>
+inline int dispatch_dtype(int dtype, Launch launch) {
+  switch (dtype) {
+    case kFloat32: launch(float{}); break;
+    case kFloat16: launch(__half{}); break;
+    case kBFloat16: launch(__nv_bfloat16{}); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // A grid the GPU holds resident at once (as many blocks of `threads` as the occupancy of `kernel`

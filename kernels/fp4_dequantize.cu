@@ -54,16 +54,6 @@ __global__ void mxfp4_dequantize_kernel(const uint8_t* __restrict__ packed, cons
 
 }  // namespace nvq
 
-template <typename Launch>
-static int dispatch_out(int dtype, Launch launch) {
-  switch (dtype) {
-    case nvq::kFloat32: launch(float{}); break;
-    case nvq::kFloat16: launch(__half{}); break;
-    case nvq::kBFloat16: launch(__nv_bfloat16{}); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
-}
 
 extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned char* block_scale,
                                     const float* global_scale, long long rows, long long k, int dtype, void* out,
@@ -74,7 +64,7 @@ extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned 
   const long long n_blocks = rows * (k / nvq::kNvfp4Block);
   if (n_blocks == 0) return 0;
   const int grid = nvq::grid_for(n_blocks, nvq::kDequantThreads);
-  return dispatch_out(dtype, [&](auto tag) {
+  return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     nvq::nvfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<T*>(out));
@@ -87,7 +77,7 @@ extern "C" int nvq_mxfp4_dequantize(const unsigned char* packed, const unsigned 
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (rows * k == 0) return 0;
-  return dispatch_out(dtype, [&](auto tag) {
+  return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
     const int grid = nvq::grid_for(n_vec, nvq::kDequantThreads);

@@ -56,6 +56,25 @@ __global__ void nvfp4_global_scale_kernel(const float* __restrict__ amax, float*
   global_scale[0] = ct_global_scale<T>(amax[0]);
 }
 
+// One step of the quantize kernels' software pipeline: take the vector loaded last step into `e`
+// (±Inf clamped), start loading the next one, and return the amax of the scale block, reduced
+// over the block's lanes (whole warps iterate together, so every lane takes part).
+template <typename T, int kPer, int kLanes>
+__device__ __forceinline__ float take_vector_and_block_amax(const T* __restrict__ x, long long v, long long stride,
+                                                            long long n_vec, float (&next)[kPer], float (&e)[kPer]) {
+  const bool active = v < n_vec;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) e[j] = next[j];
+  if (v + stride < n_vec) load_block<T, kPer>(x + (v + stride) * kPer, next);
+  float m = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
+    m = fmaxf(m, fabsf(e[j]));  // NaN-ignoring: the reference's NaN -> 0
+  }
+  return group_max<kLanes>(m);
+}
+
 // Little pieces of one scale block live in neighbouring lanes: lane v reads the 16-byte vector v
 // (kPer elements), so a warp's loads and stores are contiguous. The block amax is a shuffle
 // reduction over the block's lanes; each lane writes its own codes, the first lane the scale.
@@ -82,17 +101,7 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_kernel(const T* __res
     const long long v = base + lane;
     const bool active = v < n_vec;
     float e[kPer];
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) e[j] = next[j];
-    // Software pipelining: the next vector's load is in flight while this one is encoded.
-    if (v + stride < n_vec) load_block<T, kPer>(x + (v + stride) * kPer, next);
-    float m = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
-      m = fmaxf(m, fabsf(e[j]));  // NaN-ignoring: the reference's NaN -> 0
-    }
-    m = group_max<kLanes>(m);  // whole warps iterate together, so every lane takes part
+    const float m = take_vector_and_block_amax<T, kPer, kLanes>(x, v, stride, n_vec, next, e);  // whole warps iterate together, so every lane takes part
     if (!active) continue;
     const uint8_t s = ct_block_scale<T>(m, g);
     float cut[kCutoffs];
@@ -125,17 +134,7 @@ __global__ void __launch_bounds__(kThreads) mxfp4_quantize_kernel(const T* __res
     const long long v = base + lane;
     const bool active = v < n_vec;
     float e[kPer];
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) e[j] = next[j];
-    // Software pipelining: the next vector's load is in flight while this one is encoded.
-    if (v + stride < n_vec) load_block<T, kPer>(x + (v + stride) * kPer, next);
-    float m = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      e[j] = active ? clamp_infinite<T>(e[j]) : 0.0f;
-      m = fmaxf(m, fabsf(e[j]));  // NaN-ignoring: the reference's NaN -> 0
-    }
-    m = group_max<kLanes>(m);
+    const float m = take_vector_and_block_amax<T, kPer, kLanes>(x, v, stride, n_vec, next, e);
     if (!active) continue;
     uint32_t byte = e8m0_even_byte<T>(m);
     // mxfp4.quantize: the scale lives in the weight dtype; one that underflows there (fp16)
@@ -167,25 +166,12 @@ __global__ void __launch_bounds__(kThreads) mxfp4_quantize_kernel(const T* __res
 
 }  // namespace nvq
 
-using nvq::DType;
-
-// Runs `launch` with the element type the dtype code names; unknown codes are an invalid value.
-template <typename Launch>
-static int dispatch(int dtype, Launch launch) {
-  switch (dtype) {
-    case nvq::kFloat32: launch(float{}); break;
-    case nvq::kFloat16: launch(__half{}); break;
-    case nvq::kBFloat16: launch(__nv_bfloat16{}); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
-}
 
 extern "C" int nvq_amax(const void* x, long long n_elements, int dtype, float* amax, void* stream) {
   if (n_elements < 0 || !nvq::aligned16(x)) return static_cast<int>(cudaErrorInvalidValue);
   if (n_elements == 0) return 0;
   // Resident grid: one atomic per block, and each thread strides over many vectors.
-  return dispatch(dtype, [&](auto tag) {
+  return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int grid = nvq::resident_grid(nvq::amax_kernel<T>, (n_elements + 7) / 8, nvq::kThreads);
     nvq::amax_kernel<T><<<grid, nvq::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
@@ -194,7 +180,7 @@ extern "C" int nvq_amax(const void* x, long long n_elements, int dtype, float* a
 }
 
 extern "C" int nvq_nvfp4_global_scale(const float* amax, int dtype, float* global_scale, void* stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     nvq::nvfp4_global_scale_kernel<T><<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(amax, global_scale);
   });
@@ -206,7 +192,7 @@ extern "C" int nvq_nvfp4_quantize(const void* x, long long rows, long long k, in
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (rows * k == 0) return 0;
-  return dispatch(dtype, [&](auto tag) {
+  return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
     // Persistent grid: each block tabulates its cutoffs once, then strides over the tensor.
@@ -222,7 +208,7 @@ extern "C" int nvq_mxfp4_quantize(const void* x, long long rows, long long k, in
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (rows * k == 0) return 0;
-  return dispatch(dtype, [&](auto tag) {
+  return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
     const int grid = nvq::grid_for(n_vec, nvq::kThreads);  // measured faster than a resident grid here
