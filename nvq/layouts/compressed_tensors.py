@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nvq.formats import e2m1
-from nvq.formats.mxfp4 import MXFP4Quantized
-from nvq.formats.nvfp4 import NVFP4Quantized
 from nvq.io.safetensors import OutputTensor
 
 # The compressed-tensors release whose arithmetic and config schema nvq reproduces.
@@ -75,12 +72,6 @@ def output_tensors(module: str, shape: tuple[int, int], scheme: str) -> list[Out
     if layout.has_global_scale:
         tensors.append(OutputTensor(f"{module}.weight_global_scale", "F32", (1,)))
     return tensors
-
-
-def packed_chunk(q: NVFP4Quantized | MXFP4Quantized) -> dict[str, torch.Tensor]:
-    """Row-chunk tensors (by suffix) of one quantized chunk; the global scale is written once."""
-    scale = q.block_scale if isinstance(q, NVFP4Quantized) else q.scale
-    return packed_tensors(e2m1.pack_pairs(q.codes), scale)
 
 
 def packed_tensors(packed: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
