@@ -211,3 +211,29 @@ def test_values_a_few_ulps_around_every_code_boundary():
     assert_nvfp4_equal(w)
     for dtype in (torch.bfloat16, torch.float16):
         assert_nvfp4_equal(w.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvfp4_single_block_rows(dtype):
+    for rows in (1, 7, 100, 8192):
+        assert_nvfp4_equal(random_weight((rows, 16), dtype, 0.02, seed=rows))
+
+
+def test_largest_shape_8192x28672():
+    # The CPU reference is slow at 235 M elements, so the full tensor is compared with the reference
+    # run on the GPU, and row slices (rows are independent given g) with the CPU reference too.
+    w = random_weight((8192, 28672), torch.bfloat16, 0.02, seed=5).cuda()
+    g = ops.nvfp4_global_scale(ops.tensor_amax(w), w.dtype)
+    packed, scale = ops.nvfp4_quantize_packed(w, g)
+    q = nvfp4.quantize(w, global_scale=g)
+    assert torch.equal(g.cpu().view(torch.int32), nvfp4.global_scale(nvfp4.tensor_amax(w.cpu()), w.dtype).view(torch.int32))
+    assert_bytes_equal(scale.view(torch.uint8), q.block_scale.view(torch.uint8), "block scales")
+    assert_bytes_equal(packed, e2m1.pack_pairs(q.codes), "packed codes")
+    mx_packed, mx_scale = ops.mxfp4_quantize_packed(w)
+    mq = mxfp4.quantize(w)
+    assert_bytes_equal(mx_scale, mq.scale, "E8M0 scales")
+    assert_bytes_equal(mx_packed, e2m1.pack_pairs(mq.codes), "MXFP4 codes")
+    for rows in (slice(0, 64), slice(4096, 4160), slice(8128, 8192)):
+        cpu = nvfp4.quantize(w[rows].cpu(), global_scale=g.cpu())
+        assert_bytes_equal(packed[rows].cpu(), e2m1.pack_pairs(cpu.codes), "packed codes vs CPU reference")
+        assert_bytes_equal(mx_packed[rows].cpu(), e2m1.pack_pairs(mxfp4.quantize(w[rows].cpu()).codes), "MXFP4 vs CPU")
