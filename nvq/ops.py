@@ -496,6 +496,13 @@ def _check_packed(packed: Tensor, scale: Tensor, block: int, scale_dtype: torch.
     return k
 
 
+def _kernel_ready(x: Tensor) -> Tensor:
+    """Contiguous with a 16-byte-aligned start, as the kernels' vector loads need (a view into a
+    larger tensor may start anywhere; it is copied then)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def _describe(x) -> str:
     if isinstance(x, Tensor):
         return f"{x.dtype} of shape {tuple(x.shape)}"
@@ -508,7 +515,7 @@ def _describe(x) -> str:
 def tensor_amax(w: Tensor) -> Tensor:
     """0-d max |w| in w.dtype after the NaN/Inf policy, like `nvfp4.tensor_amax`."""
     _check_float_tensor(w, "tensor_amax input")
-    x = w.contiguous()
+    x = _kernel_ready(w)
     library = _kernels_for("tensor_amax", x)
     if library is None:
         return nvfp4.tensor_amax(x)
@@ -543,7 +550,7 @@ def nvfp4_quantize_packed(w: Tensor, global_scale: Tensor) -> tuple[Tensor, Tens
     """
     check_weight(w, NVFP4_BLOCK, "NVFP4")
     _check_scalar(global_scale, "global_scale")
-    x = w.contiguous()
+    x = _kernel_ready(w)
     library = _kernels_for("nvfp4_quantize_packed", x, global_scale)
     if library is None:
         q = nvfp4.quantize(x, global_scale=global_scale)
@@ -563,7 +570,7 @@ def nvfp4_quantize_packed(w: Tensor, global_scale: Tensor) -> tuple[Tensor, Tens
 def mxfp4_quantize_packed(w: Tensor) -> tuple[Tensor, Tensor]:
     """(packed uint8 [N, K/2], E8M0 scale uint8 [N, K/32]) of `mxfp4.quantize(w)` (CT profile)."""
     check_weight(w, MXFP4_BLOCK, "MXFP4")
-    x = w.contiguous()
+    x = _kernel_ready(w)
     library = _kernels_for("mxfp4_quantize_packed", x)
     if library is None:
         q = mxfp4.quantize(x)
@@ -587,7 +594,7 @@ def nvfp4_dequantize_packed(
     k = _check_packed(packed, block_scale, NVFP4_BLOCK, torch.float8_e4m3fn, "NVFP4")
     _check_scalar(global_scale, "global_scale")
     check_dtype(dtype, "nvfp4_dequantize_packed dtype")
-    codes, scales = packed.contiguous(), block_scale.contiguous()
+    codes, scales = _kernel_ready(packed), block_scale.contiguous()
     library = _kernels_for("nvfp4_dequantize_packed", codes, scales, global_scale)
     g = global_scale.reshape(1).float().contiguous()
     if library is None:
@@ -607,7 +614,7 @@ def mxfp4_dequantize_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype) -
     """[N, K] weight in `dtype` from packed codes and E8M0 scale bytes, like `mxfp4.dequantize`."""
     k = _check_packed(packed, scale, MXFP4_BLOCK, torch.uint8, "MXFP4")
     check_dtype(dtype, "mxfp4_dequantize_packed dtype")
-    codes, scales = packed.contiguous(), scale.contiguous()
+    codes, scales = _kernel_ready(packed), scale.contiguous()
     library = _kernels_for("mxfp4_dequantize_packed", codes, scales)
     if library is None:
         return mxfp4.dequantize(mxfp4.MXFP4Quantized(e2m1.unpack_pairs(codes), scales), dtype)

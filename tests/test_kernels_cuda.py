@@ -237,3 +237,13 @@ def test_largest_shape_8192x28672():
         cpu = nvfp4.quantize(w[rows].cpu(), global_scale=g.cpu())
         assert_bytes_equal(packed[rows].cpu(), e2m1.pack_pairs(cpu.codes), "packed codes vs CPU reference")
         assert_bytes_equal(mx_packed[rows].cpu(), e2m1.pack_pairs(mxfp4.quantize(w[rows].cpu()).codes), "MXFP4 vs CPU")
+
+
+def test_unaligned_views_are_accepted():
+    base = random_weight((1, 4096 + 3), torch.bfloat16, 0.02, seed=9).reshape(-1).cuda()
+    view = base[3:]  # starts 6 bytes into the allocation
+    assert view.data_ptr() % 16
+    assert torch.equal(ops.tensor_amax(view).cpu(), nvfp4.tensor_amax(view.cpu()))
+    w = view.reshape(64, 64)
+    packed, scale = ops.mxfp4_quantize_packed(w)
+    assert torch.equal(packed.cpu(), e2m1.pack_pairs(mxfp4.quantize(w.cpu()).codes))
