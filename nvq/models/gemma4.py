@@ -1,20 +1,64 @@
-"""Gemma-4 text decoder (model_type gemma4, gemma4_text, gemma4_unified): config, name table.
+"""Gemma-4 text decoder (model_type gemma4, gemma4_text, gemma4_unified): config, name table,
+reference forward.
 
-Facts: spec/gemma4.md §1 (config and its two dialects), §3.1 (HF names), §4.2 (GGUF names).
-The llama.cpp converter copies every Gemma-4 tensor unchanged, so there are no value conventions.
+Facts: spec/gemma4.md §1 (config and its two dialects), §2 (forward math), §3.1 (HF names),
+§4.2 (GGUF names), §5.2 (llama.cpp tap names). The llama.cpp converter copies every Gemma-4
+tensor unchanged, so there are no value conventions; proportional RoPE comes from the config
+(llama.cpp encodes the same thing as `rope_freqs` factors of 1 and 1e30).
+
+Taps (llama.cpp graph names, src/models/gemma4.cpp), each `[T, features]`: the ggml tensor with
+its outer dim (tokens) first and the inner dims flattened; per-head tensors are `[T, heads·hd]`
+head-major, PLE tensors `[T, L·P]` layer-major.
+
+| tap | equals |
+|---|---|
+| `inp_scaled` | h0 = E[ids]·√H = HF hidden_states[0] |
+| `inp_per_layer_selected` | PLE table rows · √P |
+| `per_layer_proj` | rms((per_layer_model_proj·h0)·H^−½; per_layer_proj_norm), per layer slice |
+| `inp_per_layer` | (per_layer_proj + inp_per_layer_selected)·2^−½ |
+| `attn_norm-N` | rms(x; attn_norm) |
+| `Qcur-N`, `Qcur_normed-N`, `Qcur_pos-N` | q after projection / q_norm / RoPE |
+| `Kcur-N`, `Kcur_normed-N`, `Kcur_pos-N` | k likewise; non-shared layers only. On k_eq_v layers llama.cpp renames raw K to `Vcur`, so its graph has no `Kcur-N` there; nvq records both (equal) |
+| `Vcur-N`, `Vcur_normed-N` | raw v (= raw k on k_eq_v layers) / after the weightless norm; non-shared layers only |
+| `kqv_out-N` | attention output before o_proj, `[T, Hq·hd]` |
+| `attn_post_norm-N` | rms(o_proj·attn; post_attention_norm) |
+| `attn_out-N`, `ffn_inp-N` | residual after attention (`ffn_inp` is nvq's cross-architecture alias) |
+| `ffn_norm-N`, `ffn_out-N` | dense layers: rms(attn_out; ffn_norm), MLP output before post_ffw_norm |
+| `ffn_norm_1-N`, `ffn_mlp-N` | MoE layers: the same norm; MLP output after post_ffw_norm_1 (no `ffn_norm`/`ffn_out` there, as in llama.cpp) |
+| `ffn_moe_logits-N`, `ffn_moe_probs-N` | router projection of rms(attn_out)·scale·H^−½; softmax over all experts |
+| `ffn_moe_topk-N`, `ffn_moe_weights_norm-N` | selected expert ids `[T, K]` (int64); their renormalized probabilities (before per_expert_scale) |
+| `ffn_norm_2-N` | rms(attn_out; pre_ffw_norm_2), the experts' input |
+| `ffn_moe_out-N`, `ffn_moe-N` | Σ_k w_k·s_e·expert_e (before post_ffw_norm_2); after it |
+| `ffn_moe_combined-N` | ffn_mlp + ffn_moe |
+| `ffn_post_norm-N` | rms(·; post_ffw_norm) |
+| `pe_in-N` | residual after the FFN (PLE models only) |
+| `per_layer_embd_out-N` | rms(proj·(gelu(inp_gate·pe_in) ⊙ ple_N); post_norm) |
+| `l_out-N` | layer output after layer_scalar = HF hidden_states[N+1] (N < L−1) |
+| `result_norm` | final norm = HF hidden_states[L] |
+| `result_output` | logits after the softcap |
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 from nvq.errors import ConfigError
 from nvq.io.hf import HFConfig
+from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
+from nvq.models.gemma3 import embed_scale_value
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 DEFAULT_GLOBAL_HEAD_DIM = 512  # transformers 5.23 default for the popped `global_head_dim` kwarg
+# transformers 5.23 defaults of Gemma4TextConfig.rope_parameters
+DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+}
 
 
 @dataclass(frozen=True)
@@ -33,10 +77,37 @@ class Gemma4Config:
     num_experts: int  # 0 = no MoE block
     top_k_experts: int
     moe_intermediate_size: int
+    # Fields the reference forward needs (defaults: transformers 5.23's Gemma4TextConfig).
+    vocab_size: int = 262144
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    rope_sliding: L.RopeSpec = L.RopeSpec.from_hf(DEFAULT_ROPE[SLIDING], 10000.0)
+    rope_full: L.RopeSpec = L.RopeSpec.from_hf(DEFAULT_ROPE[FULL], 1000000.0)
+    final_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
 
     @property
     def kv_shared(self) -> tuple[bool, ...]:
         return tuple(i >= self.first_kv_shared for i in range(self.num_layers))
+
+    @property
+    def kv_source(self) -> tuple[int, ...]:
+        """Per layer, the layer whose K/V it attends to: itself, or on a KV-shared layer the donor,
+        the last non-shared layer of the same type (gemma4.md §2.6)."""
+        donors = {}
+        for i in range(min(self.first_kv_shared, self.num_layers)):
+            donors[self.layer_types[i]] = i
+        out = []
+        for i, kind in enumerate(self.layer_types):
+            if i < self.first_kv_shared:
+                out.append(i)
+            elif kind in donors:
+                out.append(donors[kind])
+            else:
+                raise ConfigError(
+                    f"layer {i} ({kind}) shares KV, but no earlier non-shared layer has that type."
+                )
+        return tuple(out)
 
 
 def parse_config(cfg: HFConfig) -> Gemma4Config:
@@ -69,6 +140,8 @@ def parse_config(cfg: HFConfig) -> Gemma4Config:
     moe = bool(cfg.get("enable_moe_block", False) or cfg.get("use_second_mlp_block", False))
 
     full = [t == FULL for t in layer_types]
+    rope = cfg.get("rope_parameters") or {}
+    softcap = cfg.get("final_logit_softcapping")
     return Gemma4Config(
         hidden_size=int(cfg.require("hidden_size")),
         num_layers=n_layers,
@@ -85,6 +158,13 @@ def parse_config(cfg: HFConfig) -> Gemma4Config:
         num_experts=int(cfg.get("num_experts", 0) or 0) if moe else 0,
         top_k_experts=int(cfg.get("top_k_experts", 0) or 0) if moe else 0,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if moe else 0,
+        vocab_size=int(cfg.get("vocab_size", 262144)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        sliding_window=int(cfg.get("sliding_window", 512)),
+        rope_sliding=L.RopeSpec.from_hf(rope.get(SLIDING) or DEFAULT_ROPE[SLIDING], 10000.0),
+        rope_full=L.RopeSpec.from_hf(rope.get(FULL) or DEFAULT_ROPE[FULL], 1000000.0),
+        final_logit_softcapping=None if softcap is None else float(softcap),
+        hidden_activation=str(cfg.get("hidden_activation") or "gelu_pytorch_tanh"),
     )
 
 
@@ -161,3 +241,132 @@ IGNORE_PATTERNS = (
     r"re:.*embed_vision.*",
     r"re:.*embed_audio.*",
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference forward (gemma4.md §2)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(
+    config: Gemma4Config,
+    tensors: Mapping[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    taps: L.Taps | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    embed_scale: str | float = "exact",
+) -> torch.Tensor:
+    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors.
+
+    embed_scale: "exact" multiplies the embeddings by fp32 √H and √P (llama.cpp; transformers in
+    fp32), "hf_bf16" by their bf16 roundings (transformers with bf16 weights, gemma4.md §2.2).
+    Tap names: the module docstring.
+    """
+    tap = L.as_taps(taps)
+    w = L.Weights(tensors, dtype, device)
+    ids = L.check_token_ids(token_ids)
+    eps, act, n_layers = config.rms_norm_eps, config.hidden_activation, config.num_layers
+    t = ids.shape[0]
+    pos = torch.arange(t)
+    rope_specs = {SLIDING: config.rope_sliding, FULL: config.rope_full}
+    rope: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    kv_source = config.kv_source
+    donors = {src for i, src in enumerate(kv_source) if src != i}  # only their K/V is kept
+
+    def norm(x: torch.Tensor, name: str | None) -> torch.Tensor:
+        return L.rms_norm(x, None if name is None else w(name), eps, L.NORM_PLAIN)
+
+    def mlp(x: torch.Tensor, p: str) -> torch.Tensor:
+        gate, up, down = w(p + "ffn_gate.weight"), w(p + "ffn_up.weight"), w(p + "ffn_down.weight")
+        return L.glu_mlp(x, gate, up, down, act)
+
+    h = config.hidden_size
+    x = tap("inp_scaled", w.rows("token_embd.weight", ids) * embed_scale_value(h, embed_scale))
+
+    ple = None
+    p_dim = config.per_layer_input_size
+    if p_dim:
+        tok = w.rows("per_layer_token_embd.weight", ids) * embed_scale_value(p_dim, embed_scale)
+        tap("inp_per_layer_selected", tok)
+        ctx = L.linear(x, w("per_layer_model_proj.weight")) * h**-0.5
+        ctx = norm(ctx.view(t, n_layers, p_dim), "per_layer_proj_norm.weight")
+        tap("per_layer_proj", ctx.reshape(t, -1))
+        ple = (ctx + tok.view(t, n_layers, p_dim)) * 2.0**-0.5
+        tap("inp_per_layer", ple.reshape(t, -1))
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        kind = config.layer_types[i]
+        hd = config.head_dim[i]
+        if (kind, hd) not in rope:
+            inv = L.rope_inv_freq(rope_specs[kind], hd)
+            rope[(kind, hd)] = L.rope_cos_sin(inv, pos, dtype, device)
+        cos, sin = rope[(kind, hd)]
+
+        a = tap(f"attn_norm-{i}", norm(x, p + "attn_norm.weight"))
+        q = tap(f"Qcur-{i}", L.linear(a, w(p + "attn_q.weight"))).view(t, -1, hd)
+        q = norm(q, p + "attn_q_norm.weight")
+        tap(f"Qcur_normed-{i}", q.reshape(t, -1))
+        q = L.apply_rope(q, cos, sin)
+        tap(f"Qcur_pos-{i}", q.reshape(t, -1))
+        if kv_source[i] == i:
+            kr = tap(f"Kcur-{i}", L.linear(a, w(p + "attn_k.weight")))
+            # k_eq_v: V is the raw K projection (before k_norm and RoPE)
+            vr = L.linear(a, w(p + "attn_v.weight")) if config.has_v_proj[i] else kr
+            tap(f"Vcur-{i}", vr)
+            k = norm(kr.view(t, -1, hd), p + "attn_k_norm.weight")
+            v = norm(vr.view(t, -1, hd), None)
+            tap(f"Kcur_normed-{i}", k.reshape(t, -1))
+            tap(f"Vcur_normed-{i}", v.reshape(t, -1))
+            k = L.apply_rope(k, cos, sin)
+            tap(f"Kcur_pos-{i}", k.reshape(t, -1))
+            if i in donors:
+                kv[i] = (k, v)
+        else:
+            k, v = kv[kv_source[i]]
+        window = config.sliding_window if kind == SLIDING else None
+        o = tap(f"kqv_out-{i}", L.attention(q, k, v, 1.0, window=window))
+        o = norm(L.linear(o, w(p + "attn_output.weight")), p + "post_attention_norm.weight")
+        tap(f"attn_post_norm-{i}", o)
+        x = tap(f"ffn_inp-{i}", tap(f"attn_out-{i}", x + o))
+
+        if config.num_experts:
+            m = mlp(tap(f"ffn_norm_1-{i}", norm(x, p + "ffn_norm.weight")), p)
+            m = tap(f"ffn_mlp-{i}", norm(m, p + "post_ffw_norm_1.weight"))
+            r = L.gemma4_route(
+                x,
+                w(p + "ffn_gate_inp.weight"),
+                w(p + "ffn_gate_inp.scale"),
+                w(p + "ffn_down_exps.scale"),
+                config.top_k_experts,
+                eps,
+            )
+            tap(f"ffn_moe_logits-{i}", r.logits)
+            tap(f"ffn_moe_probs-{i}", r.probs)
+            tap(f"ffn_moe_topk-{i}", r.experts)
+            tap(f"ffn_moe_weights_norm-{i}", r.weights_norm)
+            xe = tap(f"ffn_norm_2-{i}", norm(x, p + "pre_ffw_norm_2.weight"))
+            gate_up, down = w(p + "ffn_gate_up_exps.weight"), w(p + "ffn_down_exps.weight")
+            e = L.moe_experts(xe, gate_up, down, r.experts, r.weights, act)
+            e = norm(tap(f"ffn_moe_out-{i}", e), p + "post_ffw_norm_2.weight")
+            m = tap(f"ffn_moe_combined-{i}", m + tap(f"ffn_moe-{i}", e))
+        else:
+            m = tap(f"ffn_out-{i}", mlp(tap(f"ffn_norm-{i}", norm(x, p + "ffn_norm.weight")), p))
+        x = x + tap(f"ffn_post_norm-{i}", norm(m, p + "post_ffw_norm.weight"))
+
+        if ple is not None:
+            tap(f"pe_in-{i}", x)
+            g = L.activation(act)(L.linear(x, w(p + "inp_gate.weight"))) * ple[:, i, :]
+            g = norm(L.linear(g, w(p + "proj.weight")), p + "post_norm.weight")
+            x = x + tap(f"per_layer_embd_out-{i}", g)
+
+        scalar = w.get(p + "layer_output_scale.weight")
+        if scalar is not None:
+            x = x * scalar
+        x = tap(f"l_out-{i}", x)
+
+    x = tap("result_norm", norm(x, "output_norm.weight"))
+    logits = L.softcap(L.linear(x, w.lm_head()), config.final_logit_softcapping)
+    return tap("result_output", logits)

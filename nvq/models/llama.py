@@ -1,14 +1,37 @@
-"""Llama-family decoders (llama, mistral-style, SmolLM2): config and name table.
+"""Llama-family decoders (llama, mistral-style, SmolLM2): config, name table, reference forward.
 
 Convention: llama.cpp's converter permutes the rows of attn_q / attn_k from HF's rotate-half
-pairing to interleaved pairing (gemma4.md §8); readers of a GGUF undo it at load.
+pairing to interleaved pairing (gemma4.md §8); readers of a GGUF undo it at load. The forward
+below therefore uses HF's rotate-half RoPE on HF-ordered rows.
+
+Taps (llama.cpp graph names, src/models/llama.cpp; every tap is `[T, features]`, the ggml tensor
+`[ne1.., ne0]` flattened to rows of tokens; per-head tensors are `[T, heads·head_dim]`, head-major):
+
+| tap | equals |
+|---|---|
+| `embd` | E[ids] = HF hidden_states[0] |
+| `attn_norm-N` | rms(x; attn_norm) |
+| `Qcur-N`, `Kcur-N` | q / k projection after RoPE (llama.cpp's last node of that name). In HF row order: llama.cpp's own tensor is in GGUF (interleaved) order; `to_gguf_rope_order` maps ours onto it |
+| `Vcur-N` | v projection |
+| `kqv_out-N` | attention output before the output projection, `[T, Hq·hd]` (order-free: Q/K permutation cancels in q·k) |
+| `attn_out-N` | output projection (before the residual add) |
+| `ffn_inp-N` | residual after attention |
+| `ffn_norm-N` | rms(ffn_inp; ffn_norm) |
+| `ffn_out-N` | MLP output (down projection) |
+| `l_out-N` | layer output = ffn_inp + ffn_out = HF hidden_states[N+1] (N < L−1) |
+| `result_norm` | final norm = HF hidden_states[L] |
+| `result_output` | logits |
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from nvq.io.hf import HFConfig
+from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 
 
@@ -20,6 +43,20 @@ class LlamaConfig:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+    # Fields the reference forward needs (defaults: transformers' LlamaConfig defaults).
+    vocab_size: int = 32000
+    rms_norm_eps: float = 1e-6
+    rope: L.RopeSpec = L.RopeSpec(theta=10000.0)
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False  # informational: the forward uses output.weight if loaded
+
+
+def _rope_spec(cfg: HFConfig) -> L.RopeSpec:
+    # transformers 5 writes `rope_parameters` (theta inside); older configs `rope_theta` plus an
+    # optional `rope_scaling` dict.
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    return L.RopeSpec.from_hf(params, 10000.0)
 
 
 def parse_config(cfg: HFConfig) -> LlamaConfig:
@@ -32,6 +69,11 @@ def parse_config(cfg: HFConfig) -> LlamaConfig:
         num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
         head_dim=int(cfg.get("head_dim") or hidden // heads),
         intermediate_size=int(cfg.require("intermediate_size")),
+        vocab_size=int(cfg.get("vocab_size", 32000)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=_rope_spec(cfg),
+        hidden_act=str(cfg.get("hidden_act", "silu")),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 
 
@@ -66,3 +108,68 @@ TABLE = NameTable(
 )
 
 IGNORE_PATTERNS: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference forward
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(
+    config: LlamaConfig,
+    tensors: Mapping[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    taps: L.Taps | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
+    values (no GGUF Q/K permutation). Tap names: the module docstring."""
+    tap = L.as_taps(taps)
+    w = L.Weights(tensors, dtype, device)
+    ids = L.check_token_ids(token_ids)
+    eps, hd = config.rms_norm_eps, config.head_dim
+    t = ids.shape[0]
+    cos, sin = L.rope_cos_sin(L.rope_inv_freq(config.rope, hd), torch.arange(t), dtype, device)
+    scale = hd**-0.5
+
+    x = tap("embd", w.rows("token_embd.weight", ids))
+    for i in range(config.num_layers):
+        p = f"blk.{i}."
+        a = tap(f"attn_norm-{i}", L.rms_norm(x, w(p + "attn_norm.weight"), eps, L.NORM_LLAMA))
+        q = L.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
+        k = L.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
+        v = L.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias")).view(t, -1, hd)
+        q = L.apply_rope(q, cos, sin)
+        k = L.apply_rope(k, cos, sin)
+        tap(f"Qcur-{i}", q.reshape(t, -1))
+        tap(f"Kcur-{i}", k.reshape(t, -1))
+        tap(f"Vcur-{i}", v.reshape(t, -1))
+        o = tap(f"kqv_out-{i}", L.attention(q, k, v, scale))
+        o = tap(
+            f"attn_out-{i}", L.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias"))
+        )
+        x = tap(f"ffn_inp-{i}", x + o)
+        m = tap(f"ffn_norm-{i}", L.rms_norm(x, w(p + "ffn_norm.weight"), eps, L.NORM_LLAMA))
+        m = L.glu_mlp(
+            m,
+            w(p + "ffn_gate.weight"),
+            w(p + "ffn_up.weight"),
+            w(p + "ffn_down.weight"),
+            config.hidden_act,
+            (w.get(p + "ffn_gate.bias"), w.get(p + "ffn_up.bias"), w.get(p + "ffn_down.bias")),
+        )
+        x = tap(f"l_out-{i}", x + tap(f"ffn_out-{i}", m))
+    x = tap("result_norm", L.rms_norm(x, w("output_norm.weight"), eps, L.NORM_LLAMA))
+    return tap("result_output", L.linear(x, w.lm_head()))
+
+
+def to_gguf_rope_order(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the last dim of an HF-ordered Q/K tensor (`[..., n_heads·hd]`) into the interleaved
+    order of llama.cpp's permuted attn_q/attn_k: per head, GGUF index 2j = HF j and 2j+1 = HF j+hd/2.
+
+    Maps the reference's `Qcur-N`/`Kcur-N` onto llama.cpp's (the permutation commutes with RoPE).
+    """
+    *lead, n = x.shape
+    hd = n // n_heads
+    return x.reshape(*lead, n_heads, 2, hd // 2).transpose(-1, -2).reshape(*lead, n)
