@@ -29,6 +29,12 @@ _state = {"debug": False}
 class Scheme(str, Enum):
     nvfp4 = "nvfp4"
     mxfp4 = "mxfp4"
+    bf16 = "bf16"  # dense; GGUF -> HF only for now
+
+
+class DenseDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float32 = "float32"
 
 
 class Device(str, Enum):
@@ -58,25 +64,26 @@ RecipeOpt = Annotated[
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory (or Hub id in the local cache).")],
+    src: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory (or Hub id in the local cache), or a .gguf file (with --scheme bf16).")],
     out: Annotated[Path, typer.Argument(help="New output directory.")],
-    scheme: Annotated[Scheme, typer.Option("--scheme", help="Target format.")],
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="Target format; bf16 writes a dense HF checkpoint from a GGUF file (GGUF -> HF only for now).")],
     recipe: RecipeOpt = None,
+    dtype: Annotated[DenseDtype | None, typer.Option("--dtype", help="Weight dtype of the dense --scheme bf16 output (float32 keeps dequantized values exactly).")] = None,
     device: Annotated[Device, typer.Option("--device", help="Where to quantize.")] = Device.auto,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", min=0.001, help="Largest output shard, in GB.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
-    """Convert a checkpoint to a compressed-tensors NVFP4 / MXFP4 checkpoint."""
+    """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4, or a GGUF file to a dense HF checkpoint."""
     from nvq import report
-    from nvq.io.hf import Checkpoint
     from nvq.quant.pipeline import convert as run_convert
+    from nvq.quant.pipeline import source_bytes
 
     def job():
-        total = sum(t.nbytes for t in Checkpoint.open(src).tensors.values())
-        with report.byte_progress(total, f"{scheme.value}", enabled=sys.stderr.isatty()) as tick:
+        with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=sys.stderr.isatty()) as tick:
             return run_convert(src, out, scheme.value, recipe=recipe, device=device.value, force=force,
-                               max_shard_bytes=int(max_shard_gb * 1e9), progress=tick)
+                               max_shard_bytes=int(max_shard_gb * 1e9), progress=tick,
+                               dtype=dtype.value if dtype else None)
 
     summary = _guard(job)
     if as_json:

@@ -6,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nvq.errors import CheckpointError
 from nvq.io.hf import Checkpoint
 
 
@@ -43,27 +42,17 @@ def inspect(path: str | Path) -> Inspection:
 
 
 def _inspect_gguf(path: Path) -> Inspection:
-    import gguf
+    from nvq.io.gguf import GGUFFile
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e}).") from None
-    arch_field = reader.get_field("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else "unknown"
+    gf = GGUFFile.open(path)
     tensors = [
-        {
-            "name": t.name,
-            "dtype": t.tensor_type.name,
-            "shape": [int(d) for d in reversed(t.shape)],  # GGUF stores ne innermost-first
-            "bytes": int(t.n_bytes),
-        }
-        for t in reader.tensors
+        {"name": t.name, "dtype": t.type_name, "shape": list(t.shape), "bytes": t.nbytes}  # numpy order
+        for t in gf.tensors.values()
     ]
     return Inspection(
         path=str(path),
         kind="gguf",
-        architecture=str(arch),
+        architecture=str(gf.metadata.get("general.architecture", "unknown")),
         quantization="gguf",
         tensor_count=len(tensors),
         total_bytes=sum(t["bytes"] for t in tensors),

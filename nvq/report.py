@@ -53,6 +53,11 @@ def human_bytes(n: float) -> str:
 
 
 def convert_summary_line(s: ConvertSummary) -> str:
+    if not s.quantized and not s.params_quantized:  # dense output (GGUF -> HF)
+        return (
+            f"{s.scheme}: {s.kept} tensors written dense, {s.dropped} dropped on purpose · "
+            f"{s.params:,} parameters · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s → {s.out}"
+        )
     return (
         f"{s.scheme}: {s.quantized} weights quantized, {s.kept} tensors kept dense, {s.dropped} dropped on purpose · "
         f"{s.bits_per_quantized_weight:.2f} bits/weight quantized, {s.bits_per_weight:.2f} overall · {human_bytes(s.bytes_written)} · {s.seconds:.1f} s on {s.engine} → {s.out}"

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from nvq import ops
-from nvq.errors import TensorError
+from nvq.errors import ConfigError, TensorError
 from nvq.formats.constants import NVFP4_GLOBAL_NUMERATOR
 from nvq.io.atomic import atomic_output_dir
+from nvq.io.gguf import is_gguf
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import ShardedWriter
 from nvq.layouts import compressed_tensors as ct
@@ -74,8 +75,30 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DENSE_SCHEME = "bf16"  # GGUF → dense HF checkpoint (no quantization)
+
+
 def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None) -> Plan:
+    if is_gguf(src):
+        raise ConfigError(
+            f"{src} is a GGUF file; nvq plan describes quantizing a Hugging Face checkpoint, so "
+            f"convert the GGUF first (nvq convert {src} OUT --scheme bf16)."
+        )
+    if scheme == DENSE_SCHEME:
+        raise ConfigError(
+            f"nvq plan describes quantization; --scheme {DENSE_SCHEME} quantizes nothing (it converts "
+            f"a GGUF file to a dense checkpoint), so there is no plan to show."
+        )
     return build_plan(Checkpoint.open(src), scheme, load_recipe(recipe))
+
+
+def source_bytes(src: str | Path) -> int:
+    """Bytes of tensor data convert will read from SRC (for progress bars)."""
+    if is_gguf(src):
+        from nvq.io.gguf import GGUFFile
+
+        return sum(t.nbytes for t in GGUFFile.open(src).tensors.values())
+    return sum(t.nbytes for t in Checkpoint.open(src).tensors.values())
 
 
 def convert(
@@ -87,8 +110,26 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
+    dtype: str | None = None,
 ) -> ConvertSummary:
+    """SRC (HF directory, or GGUF file for scheme bf16) → OUT. `dtype` ("bfloat16", "float32")
+    is the weight dtype of the dense bf16-scheme output; it does not apply to quantized schemes."""
     started = time.perf_counter()
+    if is_gguf(src):
+        if scheme != DENSE_SCHEME:
+            raise ConfigError(
+                f"{src} is a GGUF file, which nvq converts to a dense checkpoint only "
+                f"(--scheme {DENSE_SCHEME}); convert it to {DENSE_SCHEME} first, then quantize "
+                f"that directory with --scheme {scheme}."
+            )
+        return _convert_gguf(src, out, dtype or "bfloat16", force, max_shard_bytes, progress, started)
+    if scheme == DENSE_SCHEME:
+        raise ConfigError(
+            f"--scheme {DENSE_SCHEME} converts a GGUF file to a dense checkpoint; {src} is not a "
+            f"GGUF file (a Hugging Face directory is quantized with nvfp4 or mxfp4)."
+        )
+    if dtype is not None:
+        raise ConfigError(f"--dtype applies to --scheme {DENSE_SCHEME} only, not to {scheme}.")
     ckpt = Checkpoint.open(src)
     plan = build_plan(ckpt, scheme, load_recipe(recipe))
     dev = resolve_device(device)
@@ -112,6 +153,20 @@ def convert(
         summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in ct.output_tensors(u.out, u.shape, u.scheme))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _convert_gguf(src, out, dtype: str, force: bool, max_shard_bytes: int, progress: Progress | None,
+                  started: float) -> ConvertSummary:
+    from nvq.io.gguf_to_hf import convert_gguf_to_hf
+
+    export = convert_gguf_to_hf(src, out, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes,
+                                progress=progress)
+    return ConvertSummary(
+        out=export.out, scheme=DENSE_SCHEME if dtype == "bfloat16" else "f32",
+        quantized=0, kept=export.tensors, dropped=len(export.consumed) + len(export.dropped),
+        params=export.params, params_quantized=0, bytes_written=export.bytes_written, bytes_quantized=0,
+        seconds=time.perf_counter() - started, device="cpu", warnings=export.warnings,
+    )
 
 
 def _write_group(ckpt: Checkpoint, group: list[Unit], writer: ShardedWriter, dev: torch.device,

