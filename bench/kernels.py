@@ -7,7 +7,7 @@ Rows, per bf16 weight shape (random, std 0.02):
   nvq NVFP4 quantize       ops.tensor_amax -> ops.nvfp4_global_scale -> ops.nvfp4_quantize_packed
   nvq MXFP4 quantize       ops.mxfp4_quantize_packed
   nvq NVFP4/MXFP4 dequant  ops.*_dequantize_packed -> bf16
-  compressed-tensors 0.20.0 NVFP4 (as /work/shared/bench/peer_quant.py drives it) and MXFP4
+  compressed-tensors 0.20.0 NVFP4 (as the design docs' bench/peer_quant.py drives it) and MXFP4
       (calculate_qparams + MXFP4PackedCompressor.compress)
   torchao 0.18.0 nvfp4_quantize (per-tensor scale) and to_mx(float4_e2m1fn_x2, 32), as peer_quant.py
   torch reference: nvq.formats on the same device, for all four ops

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nvq.errors import CheckpointError
+from nvq.io.files import pread_exact
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -207,26 +208,7 @@ def _dequantize(t: GGUFTensor, rows: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _pread(t: GGUFTensor, start: int, nbytes: int) -> np.ndarray:
-    out = np.empty(nbytes, dtype=np.uint8)
-    if nbytes == 0:
-        return out
-    try:
-        fd = os.open(t.path, os.O_RDONLY)
-    except OSError as e:
-        raise CheckpointError(f"{t.path} cannot be opened: {e.strerror or e}.") from e
-    try:
-        buf, done, offset = memoryview(out), 0, t.offset + start
-        while done < nbytes:
-            n = os.preadv(fd, [buf[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(
-                    f"{t.path} ended while reading tensor '{t.name}' (at byte {offset + done}); "
-                    f"the file was truncated after its header was read."
-                )
-            done += n
-    finally:
-        os.close(fd)
-    return out
+    return pread_exact(t.path, t.offset + start, nbytes, f"tensor '{t.name}'")
 
 
 # ---------------------------------------------------------------------------------------------

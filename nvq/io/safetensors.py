@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from nvq.errors import CheckpointError
+from nvq.io.files import pread_exact
 
 # safetensors refuses headers above 100 MB (MAX_HEADER_SIZE in its tensor.rs); so do we, before
 # allocating anything for a length field that may be garbage.
@@ -254,32 +255,11 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return tensors, metadata
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int, info: TensorInfo) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise CheckpointError(
-                f"{info.path} ended while reading tensor '{info.name}' (at byte "
-                f"{offset + done}); the file was truncated after its header was read."
-            )
-        done += n
-
-
 def _read_bytes(info: TensorInfo, start: int, nbytes: int) -> torch.Tensor:
     """nbytes from `start` (relative to the tensor) into a fresh uint8 tensor that owns them."""
-    out = torch.empty(nbytes, dtype=torch.uint8)
-    if nbytes == 0:
-        return out
-    try:
-        fd = os.open(info.path, os.O_RDONLY)
-    except OSError as e:
-        raise CheckpointError(f"{info.path} cannot be opened: {e.strerror or e}.") from e
-    try:
-        _pread_into(fd, memoryview(out.numpy()), info.offset + start, info)
-    finally:
-        os.close(fd)
-    return out
+    if nbytes == 0:  # numpy's empty array converts with stride 0, which later views reject
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.from_numpy(pread_exact(info.path, info.offset + start, nbytes, f"tensor '{info.name}'"))
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

