@@ -129,6 +129,36 @@ def inspect(
     report.print_inspection(info, show_tensors=tensors)
 
 
+@app.command()
+def verify(
+    candidate: Annotated[str, typer.Argument(help="Checkpoint to certify: dense HF, nvq output, compressed-tensors NVFP4/MXFP4 or ModelOpt NVFP4 directory.")],
+    oracle: Annotated[Path, typer.Option("--oracle", help="GGUF file of the same model (any type gguf-py dequantizes).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the certificate (JSON) to this file.")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Write the certificate as Markdown to this file.")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one testcase per tap and weight) to this file.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Verify on this text instead of the built-in prompts.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Verify on the text of this file.")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", min=2, help="Verify on N deterministic pseudo-random token ids (no tokenizer needed).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Cap on the tokens taken from the prompts.")] = 128,
+    device: Annotated[Device, typer.Option("--device", help="Where the reference forwards run.")] = Device.auto,
+    recipe: RecipeOpt = None,
+    factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Candidate error allowed, as a multiple of the expected error (default 2).")] = None,
+    teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
+) -> None:
+    """Certify a checkpoint layer by layer against a GGUF oracle; exit 0 pass, 1 fail, 2 bad input."""
+    from nvq import report
+    from nvq.verify.run import load_thresholds, run
+
+    def job():
+        return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
+                   n_tokens=tokens, max_tokens=max_tokens, device=device.value,
+                   thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced)
+
+    cert = _guard(job)
+    report.print_verify(cert)
+    raise typer.Exit(0 if cert["verdict"] == "pass" else 1)
+
+
 kernels_app = typer.Typer(no_args_is_help=True, help="Build the CUDA kernels ahead of time, or show what would run.")
 app.add_typer(kernels_app, name="kernels")
 

@@ -182,3 +182,63 @@ def print_kernel_status(s) -> None:
     out.print("backends")
     for op, which in s.backends.items():
         out.print(f"  {op:<24} {which}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _sci(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def verify_verdict_line(cert: dict) -> str:
+    """One line: verdict, where it failed (or how much passed), and the logit statistics."""
+    lg = cert["logits"]
+    stats = (
+        f"mean KLD {_sci(lg.get('mean_kld'))} (expected {_sci(lg['expected'].get('mean_kld'))}) · "
+        f"top-1 {100 * lg['top1_agreement']:.1f} % · RMS Δp {100 * lg['rms_dp']:.2f} %"
+        if lg.get("mean_kld") is not None else "no logits (the candidate's forward failed)"
+    )
+    if cert["verdict"] == "pass":
+        return (f"PASS: {len(cert['taps'])} taps and {len(cert['weights'])} weights within the expected-noise "
+                f"band · {stats}")
+    fd = cert["first_divergence"] or {}
+    where = fd.get("tap") or "(no tap)"
+    if fd.get("tensor"):
+        where += f" ({fd['tensor']})"
+    bad_t = sum(not t["ok"] for t in cert["taps"])
+    bad_w = sum(not w["ok"] for w in cert["weights"])
+    hint = f": {fd['hint']}" if fd.get("hint") else ""
+    bad_c = len(cert.get("config", []))
+    config = f", {bad_c} config field{'s' if bad_c > 1 else ''}" if bad_c else ""
+    return f"FAIL at {where}{hint} · {bad_t} taps and {bad_w} weights out of band{config} · {stats}"
+
+
+def print_verify(cert: dict) -> None:
+    """Per-layer table (the worst tap of each layer against its band), then the verdict line."""
+    inp = cert["inputs"]
+    table = Table(title=f"{inp['candidate']['path']} ({inp['candidate']['format']}) vs {inp['oracle']['path']} · "
+                        f"{inp['tokens']['count']} tokens · {cert['mode']}")
+    for col in ("layer", "taps ok", "worst tap", "rel-L2", "expected", "limit", "weights ok"):
+        table.add_column(col, justify="left" if col in ("layer", "worst tap") else "right")
+    layers: dict = {}
+    for t in cert["taps"]:
+        layers.setdefault(t["layer"], {"taps": [], "weights": []})["taps"].append(t)
+    for w in cert["weights"]:
+        layers.setdefault(w["layer"], {"taps": [], "weights": []})["weights"].append(w)
+
+    def excess(t):
+        return float("inf") if t["rel_l2"] is None else t["rel_l2"] / t["limit"] if t["limit"] else 0.0
+
+    for layer in sorted(layers, key=lambda k: (k is not None, k if k is not None else 0)):
+        taps, weights = layers[layer]["taps"], layers[layer]["weights"]
+        worst = max(taps, key=excess) if taps else None
+        t_ok, w_ok = sum(t["ok"] for t in taps), sum(w["ok"] for w in weights)
+        style = "" if t_ok == len(taps) and w_ok == len(weights) else "red"
+        table.add_row(
+            "global" if layer is None else str(layer), f"{t_ok}/{len(taps)}", worst["name"] if worst else "",
+            _sci(worst["rel_l2"]) if worst else "", _sci(worst["expected_rel_l2"]) if worst else "",
+            _sci(worst["limit"]) if worst else "", f"{w_ok}/{len(weights)}", style=style,
+        )
+    out.print(table)
+    for note in cert.get("notes", []):
+        err.print(f"[yellow]note:[/] {note}", markup=True, highlight=False)
+    colour = "green" if cert["verdict"] == "pass" else "red"
+    out.print(f"[bold {colour}]{verify_verdict_line(cert)}[/]", highlight=False)

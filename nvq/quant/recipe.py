@@ -10,6 +10,9 @@ A recipe is a YAML (or JSON) file, or the name of a preset shipped in `recipes/`
 
 The first matching rule wins. Rules only decide for quantizable tensors (Linear weights and expert
 stacks); norms, embeddings, routers, scalars and towers always stay dense.
+
+An optional `verify:` mapping holds `nvq verify`'s thresholds (factor, tap_floor, weight_floor,
+kld_floor); nvq.verify.run reads and checks it, convert ignores it.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ def parse_recipe(text: str, name: str) -> Recipe:
         raise RecipeError(f"recipe {name} is not valid YAML: {_one_line(e)}.") from None
     if data is None:
         return Recipe(name=name)
-    if not isinstance(data, dict) or set(data) - {"rules", "description"}:
-        raise RecipeError(f"recipe {name} must be a mapping with a 'rules' list (and optional 'description').")
+    if not isinstance(data, dict) or set(data) - {"rules", "description", "verify"}:
+        raise RecipeError(f"recipe {name} must be a mapping with a 'rules' list (and optional 'description', 'verify').")
     raw_rules = data.get("rules") or []
     if not isinstance(raw_rules, list):
         raise RecipeError(f"recipe {name}: 'rules' must be a list of {{match, scheme}} mappings.")

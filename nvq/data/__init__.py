@@ -1,0 +1,1 @@
+"""Data files shipped with nvq (the default verification prompts)."""

@@ -1,0 +1,297 @@
+"""Load any checkpoint under test as canonical float32 tensors, and say how each was stored.
+
+A candidate is a Hugging Face directory: dense, compressed-tensors NVFP4 / MXFP4 (nvq's output or
+another tool's), or ModelOpt NVFP4. One table, `READERS`, keyed by the `quantization_config`,
+says how its quantized modules decode; everything else is shared: quantized modules become
+dense `<module>.weight` tensors, per-expert modules (`….experts.E.{gate,up,down}_proj`) are
+reassembled into the fused stacks the name table knows (`experts.gate_up_proj` = per expert
+cat(gate, up), stacked; `experts.down_proj` stacked), and the architecture's name table turns
+HF names into canonical (GGUF) ones, exactly as `nvq.models.load.load_hf` does for dense
+checkpoints.
+
+Besides the tensors, the candidate says per canonical tensor how it was stored (`Scheme`): the
+dense dtype, or the quantization format. The verifier applies that same scheme to the oracle's
+weights to know how much error to expect (ARCHITECTURE decision 5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nvq import ops
+from nvq.errors import CheckpointError
+from nvq.formats import e2m1, nvfp4
+from nvq.io.hf import Checkpoint, HFConfig
+from nvq.models import Architecture, for_config
+from nvq.quant.policy import EXPERT_PARTS
+
+# safetensors dtype → dense scheme name (what storing an fp32 value in that dtype does to it).
+DENSE_SCHEMES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "F64": "f64"}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one canonical tensor is stored in the candidate.
+
+    name: a dense dtype ("f32", "bf16", "f16", "f64") or a format ("nvfp4", "mxfp4").
+    profile: whose arithmetic produced it, where formats have several ("ct", "modelopt").
+    row_parts: a fused expert stack whose experts were quantized as this many row blocks each
+        (gate_up: 2, the gate rows and the up rows; down: 1).
+    """
+
+    name: str
+    profile: str | None = None
+    row_parts: int = 1
+
+    @property
+    def quantized(self) -> bool:
+        return self.name not in DENSE_SCHEMES.values()
+
+    def __str__(self) -> str:
+        return self.name if self.profile in (None, "ct") else f"{self.name}-{self.profile}"
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one quantized Linear module of a checkpoint format decodes.
+
+    marker: the tensor suffix that makes a module quantized ("weight_packed", "weight_scale_2").
+    parts: every suffix of the module's tensors this codec consumes (the rest would be unmapped).
+    decode: {suffix: tensor} → the float32 [N, K] weight.
+    """
+
+    scheme: Scheme
+    marker: str
+    parts: tuple[str, ...]
+    decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    optional: tuple[str, ...] = ()  # consumed when present (ModelOpt input_scale: activations)
+
+
+def _ct_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    # compressed-tensors: W = e2m1 · s / g, g the divisor `weight_global_scale` (formats.md §1.1)
+    return ops.nvfp4_dequantize_packed(
+        t["weight_packed"], t["weight_scale"], t["weight_global_scale"].float().reshape(1), torch.float32
+    )
+
+
+def _ct_mxfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return ops.mxfp4_dequantize_packed(t["weight_packed"], t["weight_scale"], torch.float32)
+
+
+def _modelopt_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    # ModelOpt: W = e2m1 · s · s2, s2 the MULTIPLIER `weight_scale_2` (formats.md §3.1)
+    s2 = t["weight_scale_2"].float().reshape(())
+    q = nvfp4.NVFP4Quantized(
+        e2m1.unpack_pairs(t["weight"]), t["weight_scale"], nvfp4.global_scale_from_scale_2(s2), s2
+    )
+    return nvfp4.dequantize(q, torch.float32)
+
+
+CT_CODECS = {
+    "nvfp4-pack-quantized": Codec(
+        Scheme("nvfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale", "weight_global_scale"), _ct_nvfp4
+    ),
+    "mxfp4-pack-quantized": Codec(
+        Scheme("mxfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale"), _ct_mxfp4
+    ),
+}
+MODELOPT_NVFP4 = Codec(
+    Scheme("nvfp4", "modelopt"),
+    "weight_scale_2",
+    ("weight", "weight_scale", "weight_scale_2"),
+    _modelopt_nvfp4,
+    optional=("input_scale",),
+)
+
+
+def _ct_codec(qc: dict, path: Path) -> Codec:
+    formats = {qc.get("format")} | {
+        g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)
+    }
+    formats.discard(None)
+    known = [f for f in formats if f in CT_CODECS]
+    if len(formats) != 1 or not known:
+        raise CheckpointError(
+            f"{path}: compressed-tensors format {sorted(formats) or 'unset'} is not one nvq verifies; "
+            f"it reads {', '.join(CT_CODECS)}."
+        )
+    return CT_CODECS[known[0]]
+
+
+def _modelopt_codec(qc: dict, path: Path) -> Codec:
+    algo = str(qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo") or "")
+    if "FP4" not in algo.upper():
+        raise CheckpointError(
+            f"{path}: ModelOpt quant_algo '{algo}' is not one nvq verifies; it reads NVFP4 (W4A16_NVFP4, NVFP4)."
+        )
+    return MODELOPT_NVFP4
+
+
+# quant_method → how to pick the codec from the quantization_config. None: dense checkpoint.
+READERS: dict[str | None, Callable[[dict, Path], Codec] | None] = {
+    None: None,
+    "compressed-tensors": _ct_codec,
+    "modelopt": _modelopt_codec,
+}
+
+
+@dataclass
+class Candidate:
+    path: Path
+    arch: Architecture
+    config: HFConfig
+    tensors: dict[str, torch.Tensor]  # canonical name → float32
+    schemes: dict[str, Scheme]  # canonical name → how the candidate stores it
+    format: str  # "dense", "compressed-tensors nvfp4-pack-quantized", "modelopt nvfp4", ...
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> dict[str, Scheme]:
+        return {n: s for n, s in self.schemes.items() if s.quantized}
+
+
+def quantization_config(ckpt: Checkpoint) -> dict | None:
+    """The checkpoint's quantization_config, or ModelOpt's legacy hf_quant_config.json."""
+    qc = ckpt.config.get("quantization_config")
+    if qc is None:
+        legacy = ckpt.path / "hf_quant_config.json"
+        if legacy.is_file():
+            try:
+                data = json.loads(legacy.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{legacy} cannot be read as JSON ({e}).") from None
+            qc = {"quant_method": "modelopt", **(data.get("quantization") or {})}
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{ckpt.path}: quantization_config is a {type(qc).__name__}, not an object.")
+    return qc
+
+
+def _reader_key(qc: dict | None) -> str | None:
+    if qc is None:
+        return None
+    method = str(qc.get("quant_method") or "")
+    return "modelopt" if method.startswith("modelopt") else method
+
+
+def load_candidate(path: str | Path) -> Candidate:
+    """Read a candidate checkpoint directory into canonical float32 tensors and their schemes."""
+    ckpt = Checkpoint.open(path)
+    qc = quantization_config(ckpt)
+    key = _reader_key(qc)
+    if key not in READERS:
+        methods = ", ".join(k for k in READERS if k)
+        raise CheckpointError(
+            f"{ckpt.path}: quant_method '{key}' is not one nvq verifies; it reads dense checkpoints "
+            f"and {methods}."
+        )
+    pick = READERS[key]
+    codec = pick(qc, ckpt.path) if pick else None
+    arch = for_config(ckpt.config)
+    hf, schemes = _hf_state(ckpt, codec)
+    tensors, canonical_schemes = _canonical(ckpt, arch, hf, schemes)
+    fmt = "dense" if codec is None else f"{key} {codec.scheme.name}"
+    return Candidate(ckpt.path, arch, ckpt.config, tensors, canonical_schemes, fmt)
+
+
+_EXPERT = re.compile(r"(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<part>[a-z_]+)\.weight")
+# per-expert module suffix → (fused HF name, position in the fused rows, parts in that stack)
+_EXPERT_SLOTS = {
+    hf: ("_".join(p[0].removesuffix("_proj") for p in parts) + "_proj", i, len(parts))
+    for parts in EXPERT_PARTS.values()
+    for i, (hf, _gguf) in enumerate(parts)
+}
+
+
+def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
+    """Dense HF-named float32 tensors: quantized modules decoded to `<module>.weight`, per-expert
+    modules fused into their stacks."""
+    names = set(ckpt.tensors)
+    modules = set()
+    if codec is not None:
+        suffix = "." + codec.marker
+        modules = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
+    owned = {f"{m}.{p}" for m in modules for p in (*codec.parts, *codec.optional)} if codec else set()
+    out: dict[str, torch.Tensor] = {}
+    schemes: dict[str, Scheme] = {}
+    for m in sorted(modules):
+        parts = {}
+        for p in codec.parts:
+            if f"{m}.{p}" not in names:
+                raise CheckpointError(f"{ckpt.path}: quantized module '{m}' has no '{p}' tensor.")
+            parts[p] = ckpt.read(f"{m}.{p}")
+        try:
+            out[f"{m}.weight"] = codec.decode(parts)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt.path}: module '{m}' does not decode as {codec.scheme}: {e}") from None
+        schemes[f"{m}.weight"] = codec.scheme
+    for n in sorted(names - owned):
+        info = ckpt.tensors[n]
+        if info.dtype not in DENSE_SCHEMES:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor '{n}' has dtype {info.dtype} and belongs to no quantized module "
+                f"nvq can decode here."
+            )
+        out[n] = ckpt.read(n).float()
+        schemes[n] = Scheme(DENSE_SCHEMES[info.dtype])
+    _fuse_experts(ckpt.path, out, schemes)
+    return out, schemes
+
+
+def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, Scheme]) -> None:
+    groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
+    for n in list(out):
+        m = _EXPERT.fullmatch(n)
+        if not m or m["part"] not in _EXPERT_SLOTS:
+            continue
+        fused, slot, _ = _EXPERT_SLOTS[m["part"]]
+        groups.setdefault((m["stem"], fused), {}).setdefault(int(m["e"]), {})[slot] = n
+    for (stem, fused), experts in groups.items():
+        n_parts = next(p for f, _, p in _EXPERT_SLOTS.values() if f == fused)
+        name = f"{stem}.{fused}"
+        if sorted(experts) != list(range(len(experts))) or any(len(s) != n_parts for s in experts.values()):
+            raise CheckpointError(f"{path}: the per-expert modules of '{name}' are incomplete.")
+        members = [experts[e][s] for e in sorted(experts) for s in range(n_parts)]
+        kinds = {schemes[n] for n in members}
+        if len(kinds) != 1:
+            raise CheckpointError(f"{path}: the experts of '{name}' mix storage schemes {sorted(map(str, kinds))}.")
+        try:
+            out[name] = torch.stack(
+                [torch.cat([out[experts[e][s]] for s in range(n_parts)]) for e in sorted(experts)]
+            )
+        except RuntimeError:
+            raise CheckpointError(f"{path}: the per-expert modules of '{name}' differ in shape.") from None
+        kind = kinds.pop()
+        schemes[name] = Scheme(kind.name, kind.profile, n_parts if kind.quantized else 1)
+        for n in members:
+            del out[n], schemes[n]
+
+
+def _canonical(
+    ckpt: Checkpoint, arch: Architecture, hf: dict[str, torch.Tensor], schemes: dict[str, Scheme]
+) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
+    """HF names → canonical names through the name table (towers and drops skipped, tied
+    embeddings as load_hf treats them)."""
+    tie = ckpt.config.get("tie_word_embeddings")
+    tensors: dict[str, torch.Tensor] = {}
+    out_schemes: dict[str, Scheme] = {}
+    for m in arch.table.resolve_all(sorted(hf), arch.config):
+        if m.canonical is None or (m.canonical == "output.weight" and tie is True):
+            continue
+        if m.canonical in tensors:
+            raise CheckpointError(f"{ckpt.path}: '{m.source}' and another tensor both map to '{m.canonical}'.")
+        tensors[m.canonical] = hf[m.source]
+        out_schemes[m.canonical] = schemes[m.source]
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{ckpt.path} has no token embedding (embed_tokens.weight).")
+    if tie is False and "output.weight" not in tensors:
+        raise CheckpointError(
+            f"{ckpt.path}: the config unties the embeddings (tie_word_embeddings false) but the "
+            f"checkpoint has no lm_head.weight."
+        )
+    return tensors, out_schemes

@@ -1,0 +1,242 @@
+"""The verification certificate: a JSON document (CLI.md's minimum fields and more), and its
+Markdown and JUnit XML renderings. Files are written all at once or not at all.
+
+Non-finite numbers (a tap whose shape differs has no rel-L2) are written as null: JSON has no
+Infinity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from nvq import __version__
+from nvq.errors import ConfigError
+from nvq.verify.diff import config_hint
+
+LOGIT_KEYS = ("mean_kld", "kld_p99", "kld_p95", "kld_p90", "kld_median", "kld_max",
+              "top1_agreement", "rms_dp", "mean_dp", "mean_ln_ppl_ratio", "dp_of", "positions")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file under the directory, by relative POSIX path."""
+    return {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _num(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def build(result) -> dict:
+    """The certificate of a `nvq.verify.run.VerifyResult`."""
+    c, o, tokens = result.candidate, result.oracle, result.tokens
+    logits = {k: _num(result.logits[k]) for k in LOGIT_KEYS if k in result.logits}
+    logits["expected"] = {k: _num(v) for k, v in result.logits["expected"].items() if k in LOGIT_KEYS}
+    logits["limit_mean_kld"] = _num(result.logits.get("limit_mean_kld"))
+    logits["ok"] = bool(result.logits.get("ok", False))
+    ids = b"".join(s.long().numpy().astype("<i8").tobytes() for s in tokens.sequences)
+    return {
+        "nvq_version": __version__,
+        "verdict": result.verdict,
+        "first_divergence": result.first_divergence,
+        "logits": logits,
+        "taps": [
+            {"name": t.name, "layer": t.layer, "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine),
+             "max_abs": _num(t.max_abs), "expected_rel_l2": _num(t.expected_rel_l2), "limit": _num(t.limit),
+             "ok": t.ok}
+            for t in result.taps
+        ],
+        "weights": [
+            {"name": w.name, "layer": w.layer, "scheme": w.scheme, "rel_l2": _num(w.rel_l2),
+             "expected_rel_l2": _num(w.expected_rel_l2), "limit": _num(w.limit), "ok": w.ok,
+             **({"hint": w.hint} if w.hint else {})}
+            for w in result.weights
+        ],
+        "config": [
+            {k: d[k] for k in ("field", "layer", "candidate", "oracle")} | {"ok": False, "hint": config_hint(d)}
+            for d in o.structural_differences
+        ],
+        "inputs": {
+            "candidate": {"path": str(c.path), "format": c.format, "architecture": c.arch.model_type,
+                          "files": file_hashes(c.path)},
+            "oracle": {"path": str(o.path), "sha256": sha256_file(o.path)},
+            "tokens": {"source": tokens.source, "count": tokens.count,
+                       "sequences": [int(s.numel()) for s in tokens.sequences],
+                       "sha256": hashlib.sha256(ids).hexdigest()},
+        },
+        "thresholds": result.thresholds.as_dict(),
+        "mode": "teacher-forced" if result.teacher_forced else "free-running",
+        "device": result.device,
+        "seconds": round(result.seconds, 3),
+        "candidate_error": result.candidate_error,
+        "notes": result.notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Renderers
+# ---------------------------------------------------------------------------------------------
+
+
+def to_json(cert: dict) -> str:
+    return json.dumps(cert, indent=2, allow_nan=False) + "\n"
+
+
+def _g(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "**no**"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def divergence_line(cert: dict) -> str:
+    fd = cert["first_divergence"]
+    if fd is None:
+        return "none"
+    where = fd.get("tap") or "(no tap)"
+    if fd.get("tensor"):
+        where += f", tensor `{fd['tensor']}`"
+    return where + (f": {fd['hint']}" if fd.get("hint") else "")
+
+
+def to_markdown(cert: dict) -> str:
+    inp, lg = cert["inputs"], cert["logits"]
+    lines = [
+        f"# nvq verify: {cert['verdict'].upper()}",
+        "",
+        f"- candidate: `{inp['candidate']['path']}` ({inp['candidate']['format']}, {inp['candidate']['architecture']})",
+        f"- oracle: `{inp['oracle']['path']}` (sha256 `{inp['oracle']['sha256']}`)",
+        f"- tokens: {inp['tokens']['count']} from {inp['tokens']['source']}; mode {cert['mode']}; "
+        f"device {cert['device']}; nvq {cert['nvq_version']}",
+        f"- thresholds: {', '.join(f'{k} {v:g}' for k, v in cert['thresholds'].items())}",
+        f"- first divergence: {divergence_line(cert)}",
+    ]
+    if cert.get("candidate_error"):
+        lines.append(f"- the candidate's forward failed: {cert['candidate_error']}")
+    lines += ["", "## Logits (llama-perplexity statistics)", "",
+              "| statistic | candidate | expected |", "|---|---|---|"]
+    for k in ("mean_kld", "kld_p99", "kld_p95", "kld_p90", "kld_median", "kld_max", "top1_agreement", "rms_dp"):
+        lines.append(f"| {k} | {_g(lg.get(k))} | {_g(lg['expected'].get(k))} |")
+    lines.append(f"| limit on mean_kld | {_g(lg.get('limit_mean_kld'))} | ok: {_g(lg['ok'])} |")
+    lines += ["", "## Taps", "", "| tap | rel-L2 | expected | limit | cosine | max abs | ok |", "|---|---|---|---|---|---|---|"]
+    for t in cert["taps"]:
+        lines.append(f"| {t['name']} | {_g(t['rel_l2'])} | {_g(t['expected_rel_l2'])} | {_g(t['limit'])} | "
+                     f"{_g(t['cosine'], 7)} | {_g(t['max_abs'])} | {_g(t['ok'])} |")
+    lines += ["", "## Weights", "", "| weight | scheme | rel-L2 | expected | limit | ok | hint |", "|---|---|---|---|---|---|---|"]
+    for w in cert["weights"]:
+        lines.append(f"| {w['name']} | {w['scheme'] or '—'} | {_g(w['rel_l2'])} | {_g(w['expected_rel_l2'])} | "
+                     f"{_g(w['limit'])} | {_g(w['ok'])} | {w.get('hint', '')} |")
+    if cert.get("config"):
+        lines += ["", "## Config", ""] + [f"- **{d['field']}**: {d['hint']}" for d in cert["config"]]
+    if cert.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in cert["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def to_junit(cert: dict) -> str:
+    """One testcase per tap and per weight, one for the logits; failures carry the message."""
+    cases = []
+    for t in cert["taps"]:
+        msg = f"rel-L2 {_g(t['rel_l2'])} > limit {_g(t['limit'])} (expected {_g(t['expected_rel_l2'])})"
+        cases.append(("nvq.verify.taps", t["name"], t["ok"], msg))
+    for w in cert["weights"]:
+        msg = f"rel-L2 {_g(w['rel_l2'])} > limit {_g(w['limit'])} (expected {_g(w['expected_rel_l2'])})"
+        if w.get("hint"):
+            msg += f": {w['hint']}"
+        cases.append(("nvq.verify.weights", w["name"], w["ok"], msg))
+    for d in cert.get("config", []):
+        cases.append(("nvq.verify.config", d["field"], d["ok"], d["hint"]))
+    lg = cert["logits"]
+    cases.append(("nvq.verify.logits", "mean_kld", lg["ok"],
+                  f"mean KLD {_g(lg.get('mean_kld'))} > limit {_g(lg.get('limit_mean_kld'))}"))
+    if cert.get("candidate_error"):
+        cases.append(("nvq.verify", "candidate_forward", False, cert["candidate_error"]))
+    failures = sum(1 for *_, ok, _ in cases if not ok)
+    root = ET.Element("testsuites", tests=str(len(cases)), failures=str(failures))
+    suite = ET.SubElement(root, "testsuite", name="nvq verify", tests=str(len(cases)), failures=str(failures),
+                          errors="0", skipped="0", time=str(cert["seconds"]))
+    props = ET.SubElement(suite, "properties")
+    for k, v in (("candidate", cert["inputs"]["candidate"]["path"]), ("oracle", cert["inputs"]["oracle"]["path"]),
+                 ("verdict", cert["verdict"]), ("first_divergence", divergence_line(cert))):
+        ET.SubElement(props, "property", name=k, value=str(v))
+    for classname, name, ok, msg in cases:
+        case = ET.SubElement(suite, "testcase", classname=classname, name=name)
+        if not ok:
+            ET.SubElement(case, "failure", message=msg, type="VerificationFailure").text = msg
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def check_outputs(paths: list[Path]) -> None:
+    """Refuse, before any work, outputs that cannot be written: a missing parent or a directory."""
+    if len(set(map(str, paths))) != len(paths):
+        raise ConfigError("--json, --markdown and --junit must name different files.")
+    for p in paths:
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory; a certificate output must be a file path.")
+        if not p.parent.is_dir():
+            raise ConfigError(f"{p}: the directory {p.parent} does not exist.")
+
+
+def write_atomically(files: dict[Path, str]) -> None:
+    """Write every file to a temporary sibling and fsync; then move any old targets aside, rename
+    the new files in, and only then delete the old ones. On any failure the old files are put
+    back and no temporary is left: the targets hold all old or all new contents."""
+    check_outputs(list(files))
+    pid = os.getpid()
+    tmps: list[tuple[Path, Path]] = []
+    moved: list[tuple[Path, Path]] = []  # (old copy, target)
+    placed: list[Path] = []
+    try:
+        for path, text in files.items():
+            tmp = path.parent / f".{path.name}.nvq-tmp-{pid}"
+            tmps.append((tmp, path))
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in tmps:
+            if path.exists() or path.is_symlink():
+                old = path.parent / f".{path.name}.nvq-old-{pid}"
+                os.replace(path, old)
+                moved.append((old, path))
+            os.rename(tmp, path)
+            placed.append(path)
+    except BaseException as e:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for old, path in moved:
+            os.replace(old, path)
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"the certificate cannot be written ({e.strerror or e}); nothing was written.") from None
+        raise
+    for old, _ in moved:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,204 @@
+"""The GGUF oracle and the token ids both sides run on.
+
+Path A of oracle.md §6: the GGUF's tensors are dequantized with gguf-py's arithmetic and read in
+the canonical convention (`nvq.io.gguf_model.load_canonical`: Llama Q/K un-permuted, Gemma-3 norms
+without their +1), then run through the same reference forward as the candidate. Hyper-parameters
+come from the CANDIDATE's config (oracle.md §1: a GGUF lacks some, and llama.cpp's hard-coded
+fallbacks can silently differ); the config the GGUF implies is parsed too, and where the two
+disagree the difference is reported.
+
+Token ids come from the candidate's `tokenizer.json` (the `tokenizers` library) over the embedded
+prompt set `nvq/data/prompts.txt` (openings of Austen, Lincoln, Dickens and Melville, all in the
+public domain), or over `--prompt` / `--prompt-file`, or are `--tokens N` deterministic
+pseudo-random ids. Each prompt is one sequence; the total is capped at `max_tokens`, shared between the prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvq.errors import ConfigError, NvqError
+from nvq.io.gguf_model import load_canonical
+from nvq.io.hf import HFConfig
+from nvq.models import for_config
+from nvq.verify.candidate import Candidate
+
+DEFAULT_MAX_TOKENS = 128
+TOKEN_SEED = 0  # --tokens N draws from torch.Generator().manual_seed(TOKEN_SEED)
+
+
+# Parsed-config fields that the weights themselves prove (tensor shapes and which tensors exist):
+# where the GGUF disagrees with the candidate on these, the candidate's config is wrong.
+STRUCTURAL_FIELDS = frozenset({
+    "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+    "mlp_width", "has_v_proj", "first_kv_shared", "per_layer_input_size", "num_experts",
+    "moe_intermediate_size", "vocab_size",
+})
+
+
+@dataclass
+class Oracle:
+    path: Path
+    arch_name: str  # nvq.models module ("llama", "gemma3", "gemma4")
+    config: dict  # HF-style config the GGUF implies
+    tensors: dict[str, torch.Tensor]  # canonical name → float32, HF conventions
+    config_differences: list[dict]  # [{field, layer, candidate, oracle, structural}], parsed configs
+    arch_config: Any = None  # the GGUF's own parsed config (None if it does not parse)
+
+    @property
+    def structural_differences(self) -> list[dict]:
+        return [d for d in self.config_differences if d["structural"]]
+
+
+def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
+    """Read the GGUF and check it is an oracle for this candidate: same architecture, same
+    vocabulary, same depth and width (ConfigError, exit 2, otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"oracle {path} does not exist or is not a file; --oracle takes a .gguf file.")
+    arch_name, config, tensors = load_canonical(path)
+    if arch_name != candidate.arch.name:
+        raise ConfigError(
+            f"oracle {path} is a {arch_name} model but the candidate {candidate.path} is "
+            f"{candidate.arch.name}; verify needs a GGUF of the same model."
+        )
+    ours, theirs = candidate.tensors["token_embd.weight"], tensors.get("token_embd.weight")
+    if theirs is None or tuple(theirs.shape) != tuple(ours.shape):
+        got = "none" if theirs is None else "×".join(map(str, theirs.shape))
+        raise ConfigError(
+            f"oracle {path} has a token embedding of {got} but the candidate's is "
+            f"{'×'.join(map(str, ours.shape))}: the vocabularies (or widths) differ, so this GGUF "
+            f"is not an oracle for this model."
+        )
+    for key in ("num_hidden_layers", "hidden_size"):
+        a, b = candidate.config.get(key), config.get(key)
+        if a is not None and b is not None and int(a) != int(b):
+            raise ConfigError(
+                f"oracle {path} has {key} {b} but the candidate's config says {a}; this GGUF is "
+                f"not an oracle for this model."
+            )
+    try:
+        theirs = for_config(HFConfig(path, config)).config
+    except (NvqError, KeyError, ValueError, TypeError):
+        theirs = None
+    diffs = [] if theirs is None else config_differences(candidate.arch.config, theirs)
+    return Oracle(path, arch_name, config, tensors, diffs, theirs)
+
+
+def config_differences(ours, theirs) -> list[dict]:
+    """Fields of two parsed configs that differ; per-layer tuples give their first differing
+    layer."""
+    diffs = []
+    for f in dataclasses.fields(ours):
+        a, b = getattr(ours, f.name), getattr(theirs, f.name, None)
+        if a == b:
+            continue
+        layer = None
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            layer = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        diffs.append({"field": f.name, "layer": layer, "candidate": _plain(a), "oracle": _plain(b),
+                      "structural": f.name in STRUCTURAL_FIELDS})
+    return diffs
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x):
+        return {k: _plain(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokens:
+    sequences: list[torch.Tensor]  # one 1-D int64 tensor per prompt
+    source: str  # "default prompts", "--prompt", "--prompt-file FILE", "--tokens N"
+
+    @property
+    def count(self) -> int:
+        return sum(int(s.numel()) for s in self.sequences)
+
+
+def default_prompts() -> list[str]:
+    text = resources.files("nvq.data").joinpath("prompts.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def token_ids(
+    candidate: Candidate,
+    prompt: str | None = None,
+    prompt_file: str | Path | None = None,
+    n_tokens: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Tokens:
+    """The token sequences both forwards run on. At most one of prompt / prompt_file / n_tokens."""
+    given = [x for x in (prompt, prompt_file, n_tokens) if x is not None]
+    if len(given) > 1:
+        raise ConfigError("--prompt, --prompt-file and --tokens exclude each other; give at most one.")
+    vocab = int(candidate.tensors["token_embd.weight"].shape[0])
+    if n_tokens is not None:
+        if n_tokens < 2:
+            raise ConfigError(f"--tokens {n_tokens}: at least 2 tokens are needed (one prediction).")
+        gen = torch.Generator().manual_seed(TOKEN_SEED)
+        return Tokens([torch.randint(0, vocab, (n_tokens,), generator=gen)], f"--tokens {n_tokens}")
+    if prompt_file is not None:
+        try:
+            texts, source = [Path(prompt_file).read_text(encoding="utf-8")], f"--prompt-file {prompt_file}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompt-file {prompt_file} cannot be read as UTF-8 text ({e}).") from None
+    elif prompt is not None:
+        texts, source = [prompt], "--prompt"
+    else:
+        texts, source = default_prompts(), "default prompts"
+    tok = _tokenizer(candidate.path)
+    encoded = [tok.encode(text).ids for text in texts]
+    sequences = []
+    for ids, cap in zip(encoded, _shares([len(e) for e in encoded], max_tokens), strict=True):
+        ids = ids[:cap]
+        if len(ids) < 2:
+            raise ConfigError(f"{source}: a prompt gives {len(ids)} token(s); at least 2 are needed.")
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise ConfigError(
+                f"{candidate.path}: the tokenizer gives id {bad[0]} but the embedding has {vocab} rows: "
+                f"tokenizer and model vocabularies do not match."
+            )
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+    return Tokens(sequences, source)
+
+
+def _shares(lengths: list[int], budget: int) -> list[int]:
+    """Tokens per prompt: the budget shared as evenly as the lengths allow (short prompts whole,
+    what they leave spread over the longer ones), so the total is min(sum of lengths, budget)."""
+    caps = [0] * len(lengths)
+    left, todo = budget, sorted(range(len(lengths)), key=lengths.__getitem__)
+    for k, i in enumerate(todo):
+        caps[i] = min(lengths[i], left // (len(todo) - k))
+        left -= caps[i]
+    return caps
+
+
+def _tokenizer(model_dir: Path):
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir} has no tokenizer.json; pass --tokens N to verify on random token ids.")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ConfigError("turning text into token ids needs the 'tokenizers' package (pip install tokenizers), "
+                          "or pass --tokens N.") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError(f"{path} cannot be loaded by the tokenizers library ({e}).") from None

@@ -1,0 +1,202 @@
+"""`nvq verify`: candidate and oracle through the same reference forward, judged against the
+expected noise of the candidate's scheme, written as a certificate.
+
+Three forwards run on the same token ids: the oracle (GGUF weights), the candidate, and the
+expected-noise run (the oracle's weights stored the way the candidate stores each tensor). With
+`teacher_forced`, the candidate and expected runs are fed the oracle's residual stream at every
+layer (nvq.verify.taps), so each layer's error is its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from nvq.errors import ConfigError, RecipeError
+from nvq.quant.pipeline import resolve_device
+from nvq.quant.recipe import load_recipe
+from nvq.verify import certificate
+from nvq.verify.candidate import Candidate, load_candidate
+from nvq.verify.diff import (
+    TapDiff,
+    Thresholds,
+    WeightDiff,
+    diff_taps,
+    diff_weights,
+    expected_weights,
+    first_divergence,
+    logit_stats,
+)
+from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
+from nvq.verify.taps import ForwardRun, run_forward
+
+
+@dataclass
+class VerifyResult:
+    candidate: Candidate
+    oracle: Oracle
+    tokens: Tokens
+    thresholds: Thresholds
+    teacher_forced: bool
+    device: str
+    taps: list[TapDiff]
+    weights: list[WeightDiff]
+    logits: dict  # candidate statistics, "expected" statistics, "limit_mean_kld", "ok"
+    first_divergence: dict | None
+    seconds: float
+    candidate_error: str | None = None  # the candidate's forward could not run
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.candidate_error is None
+            and not self.oracle.structural_differences
+            and all(t.ok for t in self.taps)
+            and all(w.ok for w in self.weights)
+            and bool(self.logits.get("ok", False))
+        )
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+
+def load_thresholds(recipe: str | Path | None = None, factor: float | None = None) -> Thresholds:
+    """Defaults, overridden by a recipe's `verify:` mapping, overridden by --factor."""
+    th = Thresholds()
+    if recipe is not None:
+        section = _recipe_verify_section(recipe)
+        unknown = set(section) - set(Thresholds.keys())
+        if unknown:
+            raise RecipeError(
+                f"recipe {recipe}: unknown verify key(s) {sorted(unknown)}; allowed: {Thresholds.keys()}."
+            )
+        try:
+            th = replace(th, **{k: float(v) for k, v in section.items()})
+        except (TypeError, ValueError):
+            raise RecipeError(f"recipe {recipe}: verify thresholds must be numbers.") from None
+    if factor is not None:
+        th = replace(th, factor=float(factor))
+    bad = [k for k, v in th.as_dict().items() if not v >= 0]
+    if bad or th.factor < 1:
+        raise RecipeError(f"thresholds must be ≥ 0 and factor ≥ 1; got {th.as_dict()}.")
+    return th
+
+
+def _recipe_verify_section(recipe: str | Path) -> dict:
+    load_recipe(recipe)  # the whole recipe must be valid (a file or a preset)
+    path = Path(recipe)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = resources.files("nvq.recipes").joinpath(f"{recipe}.yaml").read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {recipe} is not valid YAML: {' '.join(str(e).split())}.") from None
+    section = data.get("verify") if isinstance(data, dict) else None
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise RecipeError(f"recipe {recipe}: 'verify' must be a mapping of threshold names to numbers.")
+    return section
+
+
+def verify(
+    candidate: str | Path,
+    oracle: str | Path,
+    prompt: str | None = None,
+    prompt_file: str | Path | None = None,
+    n_tokens: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    device: str = "auto",
+    thresholds: Thresholds | None = None,
+    teacher_forced: bool = False,
+) -> VerifyResult:
+    started = time.perf_counter()
+    th = thresholds or Thresholds()
+    dev = resolve_device(device)
+    cand = load_candidate(candidate)
+    orc = load_oracle(oracle, cand)
+    tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens)
+    arch, seqs = cand.arch, tokens.sequences
+    structural = orc.structural_differences
+    # The oracle runs under the candidate's hyper-parameters (oracle.md §1), except where the
+    # candidate's config contradicts the shapes of the weights: there the GGUF's values hold.
+    o_arch = arch
+    if structural:
+        fixed = {d["field"]: getattr(orc.arch_config, d["field"]) for d in structural}
+        o_arch = replace(arch, config=replace(arch.config, **fixed))
+    try:
+        o_run = run_forward(o_arch, orc.tensors, seqs, dev)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"the oracle {orc.path} does not run under the candidate's config ({_one_line(e)}); "
+            f"config differences: {orc.config_differences or 'none found'}."
+        ) from None
+    expected = expected_weights(orc.tensors, cand.schemes)
+    force = o_run if teacher_forced else None
+    e_run = run_forward(o_arch, expected, seqs, dev, force=force)
+    c_run, error = _try_forward(arch, cand.tensors, seqs, dev, force)
+    # Logit statistics always describe the model as it runs (free-running), in both modes.
+    e_free = run_forward(o_arch, expected, seqs, dev) if teacher_forced else e_run
+    c_free = _try_forward(arch, cand.tensors, seqs, dev, None)[0] if teacher_forced and c_run else c_run
+    taps = diff_taps(o_run, c_run, e_run, th) if c_run is not None else []
+    weights = diff_weights(cand.tensors, orc.tensors, expected, cand.schemes, th)
+    logits = _logits(o_run, c_free, e_free, seqs, th)
+    order = [n for n, t in o_run.taps.items() if t.is_floating_point()]
+    first = first_divergence(taps, weights, order, logits.get("ok", True), structural)
+    if first is None and error is not None:
+        first = {"tap": None, "layer": None, "tensor": None, "hint": f"the candidate's forward failed: {error}"}
+    notes = [f"candidate tensor '{n}' has no counterpart in the oracle" for n in sorted(set(cand.tensors) - set(orc.tensors))]
+    notes += [f"config field {d['field']}: candidate {d['candidate']!r}, oracle GGUF {d['oracle']!r} (the "
+              f"candidate's value is used; the GGUF may not carry it)" for d in orc.config_differences if not d["structural"]]
+    return VerifyResult(
+        cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
+        time.perf_counter() - started, error, notes,
+    )
+
+
+def _try_forward(arch, tensors, seqs, dev, force) -> tuple[ForwardRun | None, str | None]:
+    """The candidate's forward, or why it could not run (a missing or misshapen tensor)."""
+    try:
+        return run_forward(arch, tensors, seqs, dev, force=force), None
+    except (KeyError, RuntimeError, ValueError) as e:
+        return None, _one_line(e)
+
+
+def _logits(o_run, c_run, e_run, seqs, th: Thresholds) -> dict:
+    expected = logit_stats(o_run.logits, e_run.logits, seqs)
+    if c_run is None:
+        return {"ok": False, "expected": expected}
+    stats = logit_stats(o_run.logits, c_run.logits, seqs)
+    limit = th.kld_limit(expected["mean_kld"])
+    return {**stats, "expected": expected, "limit_mean_kld": limit, "ok": stats["mean_kld"] <= limit}
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.strip("'\"")
+
+
+def run(
+    candidate: str | Path,
+    oracle: str | Path,
+    json_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    junit_path: str | Path | None = None,
+    **options,
+) -> dict:
+    """Verify, then write the certificate files asked for (all or none); returns the certificate."""
+    outputs = {k: Path(p) for k, p in (("json", json_path), ("markdown", markdown_path), ("junit", junit_path)) if p}
+    certificate.check_outputs(list(outputs.values()))
+    result = verify(candidate, oracle, **options)
+    cert = certificate.build(result)
+    renderers = {"json": certificate.to_json, "markdown": certificate.to_markdown, "junit": certificate.to_junit}
+    certificate.write_atomically({path: renderers[kind](cert) for kind, path in outputs.items()})
+    return cert

