@@ -43,23 +43,33 @@ def load_hf(path: str | Path) -> tuple[Architecture, dict[str, torch.Tensor]]:
             f"checkpoints only."
         )
     arch = for_config(ckpt.config)
+    names = canonical_names(ckpt, arch, ckpt.tensors)
+    return arch, {canonical: ckpt.read(source) for source, canonical in names.items()}
+
+
+def canonical_names(ckpt: Checkpoint, arch: Architecture, sources) -> dict[str, str]:
+    """{HF source name: canonical name} for the tensors named in `sources`, through the name
+    table: towers and tensors dropped on purpose are left out, and so is a saved lm_head when
+    the config ties the embeddings. Raises CheckpointError for two sources on one canonical name,
+    a missing embedding, or an untied config without an lm_head."""
     tie = ckpt.config.get("tie_word_embeddings")
-    tensors: dict[str, torch.Tensor] = {}
-    for m in arch.table.resolve_all(sorted(ckpt.tensors), arch.config):
+    names: dict[str, str] = {}
+    for m in arch.table.resolve_all(sorted(sources), arch.config):
         if m.canonical is None:  # tower, or dropped on purpose
             continue
         if m.canonical == "output.weight" and tie is True:
             continue
-        if m.canonical in tensors:
+        if m.canonical in names.values():
             raise CheckpointError(
                 f"{ckpt.path}: tensors '{m.source}' and another one both map to '{m.canonical}'."
             )
-        tensors[m.canonical] = ckpt.read(m.source)
-    if "token_embd.weight" not in tensors:
+        names[m.source] = m.canonical
+    if "token_embd.weight" not in names.values():
         raise CheckpointError(f"{ckpt.path} has no token embedding (embed_tokens.weight).")
-    if tie is False and "output.weight" not in tensors:
+    if tie is False and "output.weight" not in names.values():
         raise CheckpointError(
             f"{ckpt.path}: the config unties the embeddings (tie_word_embeddings false) but the "
             f"checkpoint has no lm_head.weight."
         )
-    return arch, tensors
+    return names
+

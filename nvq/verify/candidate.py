@@ -29,6 +29,7 @@ from nvq.errors import CheckpointError
 from nvq.formats import e2m1, nvfp4
 from nvq.io.hf import Checkpoint, HFConfig
 from nvq.models import Architecture, for_config
+from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
 
 # safetensors dtype → dense scheme name (what storing an fp32 value in that dtype does to it).
@@ -277,21 +278,5 @@ def _canonical(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
     """HF names → canonical names through the name table (towers and drops skipped, tied
     embeddings as load_hf treats them)."""
-    tie = ckpt.config.get("tie_word_embeddings")
-    tensors: dict[str, torch.Tensor] = {}
-    out_schemes: dict[str, Scheme] = {}
-    for m in arch.table.resolve_all(sorted(hf), arch.config):
-        if m.canonical is None or (m.canonical == "output.weight" and tie is True):
-            continue
-        if m.canonical in tensors:
-            raise CheckpointError(f"{ckpt.path}: '{m.source}' and another tensor both map to '{m.canonical}'.")
-        tensors[m.canonical] = hf[m.source]
-        out_schemes[m.canonical] = schemes[m.source]
-    if "token_embd.weight" not in tensors:
-        raise CheckpointError(f"{ckpt.path} has no token embedding (embed_tokens.weight).")
-    if tie is False and "output.weight" not in tensors:
-        raise CheckpointError(
-            f"{ckpt.path}: the config unties the embeddings (tie_word_embeddings false) but the "
-            f"checkpoint has no lm_head.weight."
-        )
-    return tensors, out_schemes
+    names = canonical_names(ckpt, arch, hf)
+    return ({c: hf[s] for s, c in names.items()}, {c: schemes[s] for s, c in names.items()})

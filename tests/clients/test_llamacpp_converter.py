@@ -4,20 +4,19 @@ dequantization of the same weight."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nvq.formats import e2m1, nvfp4
 from nvq.io.hf import Checkpoint
 from nvq.quant.pipeline import convert
 from nvq.quant.policy import build_plan
 from nvq.quant.recipe import load_recipe
+from tests.support.checkpoints import as_modelopt_names
 from tests.support.llamacpp import convert_to_gguf, read_gguf
 
 pytestmark = pytest.mark.llamacpp
@@ -36,26 +35,6 @@ def unpermute_llama(w: np.ndarray, n_head: int) -> np.ndarray:
     # gemma4.md §8: the converter interleaves each head's rotate-half pairs; this is the inverse
     rows, cols = w.shape
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def as_modelopt_names(ct_dir, dst):
-    """The same bytes under ModelOpt's names: weight_packed → weight, weight_global_scale g →
-    weight_scale_2 = fp32(1/g) (formats.md §3.1; compressed-tensors' own converter does the inverse)."""
-    shutil.copytree(ct_dir, dst)
-    renamed = {}
-    for name, t in load_file(dst / "model.safetensors").items():
-        if name.endswith(".weight_packed"):
-            renamed[name.removesuffix("_packed")] = t
-        elif name.endswith(".weight_global_scale"):
-            renamed[name.replace(".weight_global_scale", ".weight_scale_2")] = (1.0 / t.float()).reshape(())
-        else:
-            renamed[name] = t
-    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((dst / "config.json").read_text())
-    ignore = cfg["quantization_config"]["ignore"]
-    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": 16, "ignore": ignore}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
 
 
 def check_gguf_against_nvq(src, nvq_out, gguf_path):

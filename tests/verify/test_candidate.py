@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nvq.errors import CheckpointError
 from nvq.formats import e2m1, mxfp4, nvfp4
 from nvq.models.load import load_hf
 from nvq.verify.candidate import Scheme, load_candidate
+from tests.support.checkpoints import as_modelopt_names
 
 
 def ct_dequant(stored, module):
@@ -22,26 +23,6 @@ def ct_dequant(stored, module):
         stored[f"{module}.weight_global_scale"],
     )
     return nvfp4.dequantize(q, torch.float32)
-
-
-def as_modelopt(ct_dir, dst):
-    """The same bytes under ModelOpt's names (formats.md §3.1): weight_packed → weight,
-    weight_global_scale g → weight_scale_2 = fp32(1/g), 0-d."""
-    shutil.copytree(ct_dir, dst)
-    renamed = {}
-    for name, t in load_file(dst / "model.safetensors").items():
-        if name.endswith(".weight_packed"):
-            renamed[name.removesuffix("_packed")] = t
-        elif name.endswith(".weight_global_scale"):
-            renamed[name.replace(".weight_global_scale", ".weight_scale_2")] = (1.0 / t.float()).reshape(())
-        else:
-            renamed[name] = t
-    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((dst / "config.json").read_text())
-    ignore = cfg["quantization_config"]["ignore"]
-    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": 16, "ignore": ignore}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
 
 
 def test_dense_candidate_equals_load_hf_in_fp32(tiny_gemma4_moe):
@@ -98,7 +79,7 @@ def test_mxfp4_output(tiny_llama, quantized):
 
 def test_modelopt_nvfp4_multiplies_by_weight_scale_2(tiny_gemma4_moe, quantized, tmp_path):
     ct = load_candidate(quantized(tiny_gemma4_moe, "nvfp4"))
-    mo = load_candidate(as_modelopt(quantized(tiny_gemma4_moe, "nvfp4"), tmp_path / "mo"))
+    mo = load_candidate(as_modelopt_names(quantized(tiny_gemma4_moe, "nvfp4"), tmp_path / "mo"))
     assert mo.format == "modelopt nvfp4" and set(mo.tensors) == set(ct.tensors)
     for name, t in ct.tensors.items():
         # s·(1/g) against s/g: at most an ulp or two apart
@@ -107,7 +88,7 @@ def test_modelopt_nvfp4_multiplies_by_weight_scale_2(tiny_gemma4_moe, quantized,
 
 
 def test_modelopt_legacy_hf_quant_config(tiny_llama, quantized, tmp_path):
-    d = as_modelopt(quantized(tiny_llama, "nvfp4"), tmp_path / "mo")
+    d = as_modelopt_names(quantized(tiny_llama, "nvfp4"), tmp_path / "mo")
     cfg = json.loads((d / "config.json").read_text())
     del cfg["quantization_config"]
     (d / "config.json").write_text(json.dumps(cfg))
