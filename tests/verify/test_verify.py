@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nvq.cli import app
-from tests.verify.test_candidate import as_modelopt
+from tests.support.checkpoints import as_modelopt_names
 
 pytestmark = pytest.mark.llamacpp
 runner = CliRunner()
@@ -118,7 +118,7 @@ def test_teacher_forced_mode_passes_and_shrinks_the_late_errors(llama_f32, tiny_
 
 
 def test_modelopt_nvfp4_candidate_passes(gemma4_moe_f32, tiny_gguf, quantized, tmp_path):
-    cand = as_modelopt(quantized(gemma4_moe_f32, "nvfp4"), tmp_path / "modelopt")
+    cand = as_modelopt_names(quantized(gemma4_moe_f32, "nvfp4"), tmp_path / "modelopt")
     cert, _ = certify(tmp_path, cand, tiny_gguf(gemma4_moe_f32, "f32"))
     assert cert["inputs"]["candidate"]["format"] == "modelopt nvfp4"
     assert "nvfp4-modelopt" in {w["scheme"] for w in cert["weights"]}
