@@ -13,6 +13,7 @@ chunk. `load_canonical` is the small-model convenience that materialises everyth
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,10 +45,7 @@ class Unit:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass

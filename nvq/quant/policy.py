@@ -6,6 +6,7 @@ into per-expert modules, or dropped on purpose, and every impossible request is 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -43,10 +44,7 @@ class Unit:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass

