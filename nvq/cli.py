@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Quantize Hugging Face checkpoints to NVFP4 / MXFP4 and certify them.",
+    help="Quantize Hugging Face checkpoints to NVFP4 / MXFP4 / GPTQ-int4 and certify them.",
 )
 _state = {"debug": False}
 
@@ -29,7 +29,13 @@ _state = {"debug": False}
 class Scheme(str, Enum):
     nvfp4 = "nvfp4"
     mxfp4 = "mxfp4"
+    gptq = "gptq"
     bf16 = "bf16"  # dense; GGUF -> HF only for now
+
+
+class Method(str, Enum):
+    gptq = "gptq"
+    rtn = "rtn"
 
 
 class DenseDtype(str, Enum):
@@ -60,6 +66,16 @@ def _root(
 RecipeOpt = Annotated[
     str | None, typer.Option("--recipe", help="Recipe file (YAML) or preset name (see recipes/).")
 ]
+GroupSizeOpt = Annotated[
+    int | None,
+    typer.Option("--group-size", help="GPTQ group size (128, 64, 32, or -1 for one group per row). "
+                 "Default 128, or with --tp the largest that aligns."),
+]
+TPOpt = Annotated[
+    int | None,
+    typer.Option("--tp", min=1, help="Check that every row-parallel weight splits into whole groups over N "
+                 "tensor-parallel ranks; refuse otherwise."),
+]
 
 
 @app.command()
@@ -73,17 +89,34 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", min=0.001, help="Largest output shard, in GB.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    method: Annotated[Method | None, typer.Option("--method", help="gptq: calibrated GPTQ (default); rtn: round to nearest, no calibration.")] = None,
+    group_size: GroupSizeOpt = None,
+    tp_size: TPOpt = None,
+    damp: Annotated[float | None, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01; raised automatically when needed).")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="Solve columns in descending Hessian order, with static groups (default on).")] = None,
+    calib_file: Annotated[Path | None, typer.Option("--calib-file", help="UTF-8 text to calibrate on instead of the embedded public-domain corpus.")] = None,
+    calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help="Calibration sequences (default 128).")] = None,
+    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration sequence (default 2048).")] = None,
 ) -> None:
-    """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4, or a GGUF file to a dense HF checkpoint."""
+    """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
     from nvq import report
+    from nvq.quant.gptq_write import GPTQSettings
     from nvq.quant.pipeline import convert as run_convert
     from nvq.quant.pipeline import source_bytes
 
+    given = {k: v for k, v in dict(method=method and method.value, group_size=group_size, damp=damp,
+                                   act_order=act_order, calib_file=calib_file, samples=calib_samples,
+                                   seq_len=calib_seq_len).items() if v is not None}
+    gptq = GPTQSettings(**given) if given else None
+    interactive = sys.stderr.isatty()
+
     def job():
-        with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=sys.stderr.isatty()) as tick:
+        with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
+                report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
             return run_convert(src, out, scheme.value, recipe=recipe, device=device.value, force=force,
                                max_shard_bytes=int(max_shard_gb * 1e9), progress=tick,
-                               dtype=dtype.value if dtype else None)
+                               dtype=dtype.value if dtype else None, gptq=gptq, tp_size=tp_size,
+                               layer_progress=layer_done)
 
     summary = _guard(job)
     if as_json:
@@ -98,12 +131,14 @@ def plan(
     scheme: Annotated[Scheme, typer.Option("--scheme", help="Target format.")],
     recipe: RecipeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    group_size: GroupSizeOpt = None,
+    tp_size: TPOpt = None,
 ) -> None:
     """Show the per-tensor plan (quantize / keep / fusion group / drop) without writing anything."""
     from nvq import report
     from nvq.quant.pipeline import plan_convert
 
-    p = _guard(lambda: plan_convert(src, scheme.value, recipe))
+    p = _guard(lambda: plan_convert(src, scheme.value, recipe, group_size, tp_size))
     if as_json:
         typer.echo(json.dumps(report.plan_dict(p), indent=2))
     else:

@@ -44,6 +44,24 @@ def byte_progress(total_bytes: int, label: str, enabled: bool = True) -> Iterato
         yield lambda n, name: bar.update(task, advance=n, tensor=name)
 
 
+@contextlib.contextmanager
+def layer_progress(enabled: bool = True) -> Iterator:
+    """A progress bar over decoder layers showing each finished layer's GPTQ error; yields the
+    callback the GPTQ driver calls with (LayerStats, number of layers)."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("[bold]GPTQ layers"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeRemainingColumn(), TextColumn("{task.fields[error]}", style="dim"))
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("gptq", total=None, error="")
+
+        def done(stats, n_layers: int) -> None:
+            bar.update(task, total=n_layers, completed=stats.layer + 1,
+                       error=f"layer {stats.layer}: error {stats.mean:.2e}")
+        yield done
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -81,7 +99,35 @@ def convert_summary_dict(s: ConvertSummary) -> dict:
         "backend": "+".join(s.backends),
         "fp32_groups": s.fp32_groups,
         "warnings": s.warnings,
+        **({"gptq": gptq_summary_dict(s.gptq)} if s.gptq else {}),
     }
+
+
+def gptq_summary_dict(g) -> dict:
+    r = g.report
+    worst = r.worst_layer
+    return {
+        "method": g.method,
+        "group_size": g.group_size,
+        "calibration": g.calibration,
+        "seconds": round(g.seconds, 3),
+        "mean_error": r.mean_error,
+        "worst_layer": None if worst is None else {"layer": worst.layer, "error": worst.mean},
+        "layer_errors": {str(i): s.mean for i, s in sorted(r.layers.items())},
+        "fallback_experts": r.fallback_experts,
+        "raised_damp": r.raised_damp,
+        "uncalibrated_weights": r.rtn_weights,
+    }
+
+
+def gptq_summary_line(g) -> str:
+    if g.method == "rtn":
+        return f"round-to-nearest int4, group size {g.group_size}"
+    r = g.report
+    worst = r.worst_layer
+    worst_text = f", worst layer {worst.layer} {worst.mean:.2e}" if worst else ""
+    return (f"GPTQ group size {g.group_size} on {g.calibration}: relative output error mean {r.mean_error:.2e}"
+            f"{worst_text} · {g.seconds:.1f} s")
 
 
 def print_convert_summary(s: ConvertSummary) -> None:
@@ -92,6 +138,15 @@ def print_convert_summary(s: ConvertSummary) -> None:
             f"[yellow]note:[/] {len(s.fp32_groups)} fp16 fusion group(s) had amax < 0.041 and were quantized with "
             "fp32 arithmetic (compressed-tensors' fp16 arithmetic would zero them)."
         )
+    if s.gptq:
+        r = s.gptq.report
+        if r.fallback_experts:
+            err.print(f"[yellow]note:[/] {len(r.fallback_experts)} expert(s) saw too few calibration tokens and used "
+                      f"the fallback (gate/up: all MoE tokens, down: round to nearest): {', '.join(r.fallback_experts[:6])}")
+        if r.rtn_weights:
+            err.print(f"[yellow]note:[/] {len(r.rtn_weights)} weight(s) were never reached by calibration and were "
+                      f"rounded to nearest: {', '.join(r.rtn_weights[:6])}")
+        out.print(gptq_summary_line(s.gptq))
     out.print(convert_summary_line(s))
 
 
@@ -123,6 +178,7 @@ def plan_dict(plan: Plan) -> dict:
         "architecture": plan.arch.name,
         "model_type": plan.arch.model_type,
         "scheme": plan.scheme,
+        "group_size": plan.group_size,
         "recipe": plan.recipe.name,
         "tensors": plan_rows(plan),
         "ignore": plan.ignore_list(),
@@ -131,7 +187,8 @@ def plan_dict(plan: Plan) -> dict:
 
 
 def print_plan(plan: Plan) -> None:
-    table = Table(title=f"{plan.source} · {plan.arch.model_type} → {plan.scheme} (recipe: {plan.recipe.name})")
+    table = Table(title=f"{plan.source} · {plan.arch.model_type} → {plan.scheme}, group size {plan.group_size} "
+                        f"(recipe: {plan.recipe.name})")
     for col in ("canonical", "HF output", "shape", "dtype", "action", "fusion group"):
         table.add_column(col, overflow="fold")
     for u in plan.units:

@@ -62,3 +62,11 @@ GGUF_MXFP4_HALF_BLOCK = 16  # qs[j] = code(j) | code(j+16) << 4
 
 # --- Input dtypes the reference codecs accept ------------------------------------------------
 SUPPORTED_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+# --- GPTQ int4, §4 --------------------------------------------------------------------------
+INT4_MAXQ = 15  # codes 0..15
+INT4_SYM_ZERO = 8  # symmetric zero point: W = s·(q − 8)
+GPTQ_DEFAULT_GROUP = 128  # GPTQModel / llm-compressor default group size
+GPTQ_V1_ZERO_OFFSET = 1  # v1 files store z − 1 (§4.1): symmetric qzeros words are 0x77777777
+GPTQ_PACK = 8  # int4 codes per int32 word
+FP16_MIN_SUBNORMAL = 2.0**-24  # smallest positive fp16: floor of a stored int4 scale

@@ -219,9 +219,29 @@ def activation(name: str):
         ) from None
 
 
+# Calibration hook (nvq.quant.capture): called with (input, weight, expert index or None) before
+# a weight is used, so GPTQ can record each Linear's inputs and quantize it before it runs.
+_observer = None
+
+
+def set_linear_observer(observer) -> None:
+    """Install (or with None remove) the process-wide Linear observer; see nvq.quant.capture."""
+    global _observer
+    _observer = observer
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x `[T, in]` · Wᵀ (`[out, in]`) + b."""
+    if _observer is not None:
+        _observer(x, weight, None)
     return F.linear(x, weight, bias)
+
+
+def _expert_linear(x: torch.Tensor, stack: torch.Tensor, e: int) -> torch.Tensor:
+    """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
+    if _observer is not None:
+        _observer(x, stack, e)
+    return F.linear(x, stack[e])
 
 
 def glu_mlp(
@@ -240,6 +260,9 @@ def glu_mlp(
     fn = activation(act)
     bg, bu, bd = biases
     return linear(fn(linear(x, gate, bg)) * linear(x, up, bu), down, bd)
+
+
+ALL_EXPERTS = -1  # observer's expert index for the MoE block's input before routing
 
 
 @dataclass(frozen=True)
@@ -288,11 +311,13 @@ def moe_experts(
     fn = activation(act)
     ie = gate_up.shape[1] // 2
     out = torch.zeros_like(x)
+    if _observer is not None:
+        _observer(x, gate_up, ALL_EXPERTS)  # every token: the fallback Hessian of rarely routed experts
     for e in torch.unique(experts).tolist():
         tok, slot = torch.nonzero(experts == e, as_tuple=True)
         xe = x[tok]
-        gu = linear(xe, gate_up[e])
-        y = linear(fn(gu[:, :ie]) * gu[:, ie:], down[e])
+        gu = _expert_linear(xe, gate_up, e)
+        y = _expert_linear(fn(gu[:, :ie]) * gu[:, ie:], down, e)
         out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
     return out
 

@@ -23,7 +23,8 @@ from nvq.io.gguf import is_gguf
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import ShardedWriter
 from nvq.layouts import compressed_tensors as ct
-from nvq.quant.policy import Plan, Unit, build_plan
+from nvq.quant import gptq_write, tp
+from nvq.quant.policy import GPTQ, Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
 
 CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 working copy
@@ -52,6 +53,7 @@ class ConvertSummary:
     fp32_groups: list[str] = field(default_factory=list)  # fp16 groups quantized in fp32 (see below)
     warnings: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)  # what quantized: "kernels" and/or "reference"
+    gptq: gptq_write.GPTQSummary | None = None  # method, calibration and per-layer errors (gptq only)
 
     @property
     def engine(self) -> str:
@@ -78,7 +80,8 @@ def resolve_device(device: str) -> torch.device:
 DENSE_SCHEME = "bf16"  # GGUF → dense HF checkpoint (no quantization)
 
 
-def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None) -> Plan:
+def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None,
+                 group_size: int | None = None, tp_size: int | None = None) -> Plan:
     if is_gguf(src):
         raise ConfigError(
             f"{src} is a GGUF file; nvq plan describes quantizing a Hugging Face checkpoint, so "
@@ -89,7 +92,30 @@ def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None)
             f"nvq plan describes quantization; --scheme {DENSE_SCHEME} quantizes nothing (it converts "
             f"a GGUF file to a dense checkpoint), so there is no plan to show."
         )
-    return build_plan(Checkpoint.open(src), scheme, load_recipe(recipe))
+    return _plan(Checkpoint.open(src), scheme, recipe, group_size, tp_size)
+
+
+def _plan(ckpt: Checkpoint, scheme: str, recipe, group_size: int | None, tp_size: int | None) -> Plan:
+    """The plan, checked for `tp_size` ranks. GPTQ without an explicit group size takes the
+    largest one that aligns, and the plan's warnings name the weights 128 would have broken."""
+    if group_size is not None and scheme != GPTQ:
+        raise ConfigError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size.")
+    plan = build_plan(ckpt, scheme, load_recipe(recipe), group_size)
+    if not tp_size:
+        return plan
+    broken = tp.misalignments(plan, tp_size)
+    if broken and scheme == GPTQ and group_size is None:
+        picked = tp.aligned_group_size(plan, tp_size)
+        if picked is not None:
+            aligned = build_plan(ckpt, scheme, load_recipe(recipe), picked)
+            names = ", ".join(m.weight for m in broken[:4]) + (f" and {len(broken) - 4} more" if len(broken) > 4 else "")
+            aligned.warnings.append(
+                f"--tp {tp_size}: group size {picked} instead of {plan.group_size}, which would have split "
+                f"groups across ranks in {len(broken)} weight(s): {names}."
+            )
+            plan = aligned
+    tp.check(plan, tp_size)
+    return plan
 
 
 def source_bytes(src: str | Path) -> int:
@@ -111,9 +137,14 @@ def convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
     dtype: str | None = None,
+    gptq: gptq_write.GPTQSettings | None = None,
+    tp_size: int | None = None,
+    layer_progress: gptq_write.LayerDone | None = None,
 ) -> ConvertSummary:
     """SRC (HF directory, or GGUF file for scheme bf16) → OUT. `dtype` ("bfloat16", "float32")
-    is the weight dtype of the dense bf16-scheme output; it does not apply to quantized schemes."""
+    is the weight dtype of the dense bf16-scheme output; it does not apply to quantized schemes.
+    `gptq` holds the GPTQ method and calibration settings; `tp_size` checks tensor-parallel
+    alignment (any scheme)."""
     started = time.perf_counter()
     if is_gguf(src):
         if scheme != DENSE_SCHEME:
@@ -130,8 +161,13 @@ def convert(
         )
     if dtype is not None:
         raise ConfigError(f"--dtype applies to --scheme {DENSE_SCHEME} only, not to {scheme}.")
+    if gptq is not None and scheme != GPTQ:
+        raise ConfigError(f"GPTQ settings (--method, --group-size, --calib-*) apply to --scheme {GPTQ} only.")
+    gptq = (gptq or gptq_write.GPTQSettings()) if scheme == GPTQ else None
     ckpt = Checkpoint.open(src)
-    plan = build_plan(ckpt, scheme, load_recipe(recipe))
+    plan = _plan(ckpt, scheme, recipe, gptq.group_size if gptq else None, tp_size)
+    if gptq is not None:
+        gptq_write.check_settings(gptq, ckpt)
     dev = resolve_device(device)
     out = Path(out)
     summary = ConvertSummary(
@@ -144,13 +180,17 @@ def convert(
         outputs = plan.output_tensors()
         writer = ShardedWriter(tmp, outputs, max_shard_bytes)
         for group in plan.groups():
-            _write_group(ckpt, group, writer, dev, tick, summary)
+            if gptq is None or group[0].scheme is None:
+                _write_group(ckpt, group, writer, dev, tick, summary)
+        if gptq is not None:
+            summary.gptq = gptq_write.quantize_all(ckpt, plan, gptq, writer, dev, tick, layer_progress)
+            summary.backends.append("reference")
         writer.close()
-        _write_config(ckpt, plan, tmp)
+        _write_config(ckpt, plan, tmp, gptq)
         for f in ckpt.side_files():
             shutil.copyfile(f, tmp / f.name)
         summary.bytes_written = sum(t.nbytes for t in outputs)
-        summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in ct.output_tensors(u.out, u.shape, u.scheme))
+        summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in plan.layout.output_tensors(u.out, u.shape))
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -282,10 +322,16 @@ def _check_finite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
     raise TensorError(f"{info.path.name}: tensor {u.source} holds {what} at {where}; nvq only converts finite weights.")
 
 
-def _write_config(ckpt: Checkpoint, plan: Plan, out_dir: Path) -> None:
+def _write_config(ckpt: Checkpoint, plan: Plan, out_dir: Path, gptq: gptq_write.GPTQSettings | None) -> None:
     # Original keys are written back verbatim (both Gemma-4 dialects survive); only the
     # quantization_config is added.
     config = dict(ckpt.config.raw)
-    config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore_list())
+    if gptq is None:
+        config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore_list())
+    else:
+        qc = gptq_write.quantization_config(plan, gptq)
+        config["quantization_config"] = qc
+        # AutoGPTQ-era loaders read quantize_config.json; vLLM prefers config.json (formats.md §4.2)
+        (out_dir / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     (out_dir / "config.json").write_text(text, encoding="utf-8")

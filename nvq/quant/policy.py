@@ -11,15 +11,19 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from nvq.errors import RecipeError, TensorError
+from nvq.formats.constants import GPTQ_DEFAULT_GROUP
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import OutputTensor
 from nvq.layouts import compressed_tensors as ct
+from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, for_config
 from nvq.models.base import EXPERT_ROLES, QUANTIZABLE_ROLES, Mapped, Role
 from nvq.quant.recipe import Recipe, Rule
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-SCHEMES = tuple(ct.LAYOUTS)  # schemes convert can write today
+GPTQ = "gptq"
+SCHEMES = (*ct.LAYOUTS, GPTQ)  # schemes convert can write today
+GPTQ_GROUP_SIZES = (128, 64, 32)  # what Marlin serves (formats.md §4.4), largest first
 # How one expert's slice of a fused stack is named: HF module suffix and GGUF stem (§3.2, §4.2).
 EXPERT_PARTS = {
     Role.EXPERTS_GATE_UP: (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps")),
@@ -47,6 +51,39 @@ class Unit:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class CTLayout:
+    """A compressed-tensors scheme: fixed group size, tensors from nvq.layouts.compressed_tensors."""
+
+    scheme: str
+
+    @property
+    def group_size(self) -> int:
+        return ct.LAYOUTS[self.scheme].group_size
+
+    def output_tensors(self, module: str, shape: tuple[int, ...]) -> list[OutputTensor]:
+        return ct.output_tensors(module, shape, self.scheme)
+
+    def shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        if shape[1] % self.group_size:
+            return f"input dimension {shape[1]} is not a multiple of the {self.scheme} group size {self.group_size}"
+        return None
+
+
+@dataclass(frozen=True)
+class GPTQLayout(gptq_layout.GPTQLayout):
+    def shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        return gptq_layout.check_shape(shape, self.group_size)
+
+
+def scheme_layout(scheme: str, group_size: int | None = None) -> CTLayout | GPTQLayout:
+    if scheme == GPTQ:
+        return GPTQLayout(group_size or GPTQ_DEFAULT_GROUP)
+    if group_size is not None and group_size != ct.LAYOUTS[scheme].group_size:
+        raise RecipeError(f"{scheme} has a fixed group size of {ct.LAYOUTS[scheme].group_size}; --group-size applies to gptq.")
+    return CTLayout(scheme)
+
+
 @dataclass
 class Plan:
     source: str
@@ -56,6 +93,11 @@ class Plan:
     units: list[Unit]
     dropped: list[Mapped]
     warnings: list[str] = field(default_factory=list)
+    layout: CTLayout | GPTQLayout | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
 
     @property
     def quantized(self) -> list[Unit]:
@@ -77,7 +119,7 @@ class Plan:
         out: list[OutputTensor] = []
         for u in self.units:
             if u.scheme:
-                out.extend(ct.output_tensors(u.out, u.shape, u.scheme))
+                out.extend(self.layout.output_tensors(u.out, u.shape))
             else:
                 out.append(OutputTensor(u.out, u.dtype, u.shape))
         return out
@@ -88,9 +130,10 @@ class Plan:
         return ["lm_head", *[m for m in dense if m != "lm_head"], *self.arch.ignore_patterns]
 
 
-def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe) -> Plan:
+def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe, group_size: int | None = None) -> Plan:
     if scheme not in SCHEMES:
         raise RecipeError(f"scheme '{scheme}' cannot be written by convert yet; choose one of {', '.join(SCHEMES)}.")
+    layout = scheme_layout(scheme, group_size)
     if ckpt.config.get("quantization_config", None) is not None:
         raise TensorError(
             f"{ckpt.path}: the checkpoint is already quantized (config.json has a quantization_config); "
@@ -117,7 +160,7 @@ def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe) -> Plan:
         units.extend(_units(m, info.shape, info.dtype, picked, rule))
     for u in units:
         if u.scheme:
-            _check_quantizable(u, ckpt)
+            _check_quantizable(u, ckpt, layout)
     _check_fusion_groups(units)
     warnings = [
         f"recipe {recipe.name}, rule {r.index} ('{r.pattern.pattern}') matched no quantizable tensor"
@@ -125,7 +168,7 @@ def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe) -> Plan:
         if r.index not in used_rules
     ]
     dropped = [m for m in mapped if m.dropped]
-    return Plan(str(ckpt.path), arch, scheme, recipe, units, dropped, warnings)
+    return Plan(str(ckpt.path), arch, scheme, recipe, units, dropped, warnings, layout)
 
 
 def _decide(m: Mapped, recipe: Recipe) -> Rule | None:
@@ -168,19 +211,15 @@ def _units(m: Mapped, shape: tuple[int, ...], dtype: str, scheme: str | None, ru
     return units
 
 
-def _check_quantizable(u: Unit, ckpt: Checkpoint) -> None:
-    block = ct.LAYOUTS[u.scheme].group_size
+def _check_quantizable(u: Unit, ckpt: Checkpoint, layout: CTLayout | GPTQLayout) -> None:
     where = f"{ckpt.tensors[u.source].path.name}: tensor {u.source}"
     if u.dtype not in FLOAT_DTYPES:
         raise TensorError(f"{where} has dtype {u.dtype}; only {', '.join(FLOAT_DTYPES)} weights can be quantized.")
     if len(u.shape) != 2:
         raise TensorError(f"{where} has shape {list(u.shape)}; a quantized weight must be 2-D [out, in].")
-    k = u.shape[1]
-    if k % block:
-        raise TensorError(
-            f"{where} has input dimension {k}, which is not a multiple of the {u.scheme} group size {block}; "
-            "keep it dense with a recipe rule (scheme: null)."
-        )
+    problem = layout.shape_problem(u.shape)
+    if problem:
+        raise TensorError(f"{where}: {problem}; keep it dense with a recipe rule (scheme: null).")
 
 
 def _check_fusion_groups(units: list[Unit]) -> None:

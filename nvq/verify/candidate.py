@@ -1,7 +1,7 @@
 """Load any checkpoint under test as canonical float32 tensors, and say how each was stored.
 
 A candidate is a Hugging Face directory: dense, compressed-tensors NVFP4 / MXFP4 (nvq's output or
-another tool's), or ModelOpt NVFP4. One table, `READERS`, keyed by the `quantization_config`,
+another tool's), ModelOpt NVFP4, or GPTQ int4 (v1 or v2, any group size and g_idx). One table, `READERS`, keyed by the `quantization_config`,
 says how its quantized modules decode; everything else is shared: quantized modules become
 dense `<module>.weight` tensors, per-expert modules (`….experts.E.{gate,up,down}_proj`) are
 reassembled into the fused stacks the name table knows (`experts.gate_up_proj` = per expert
@@ -28,6 +28,7 @@ from nvq import ops
 from nvq.errors import CheckpointError
 from nvq.formats import e2m1, nvfp4
 from nvq.io.hf import Checkpoint, HFConfig
+from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, for_config
 from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
@@ -40,22 +41,25 @@ DENSE_SCHEMES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "F64": "f64"}
 class Scheme:
     """How one canonical tensor is stored in the candidate.
 
-    name: a dense dtype ("f32", "bf16", "f16", "f64") or a format ("nvfp4", "mxfp4").
+    name: a dense dtype ("f32", "bf16", "f16", "f64") or a format ("nvfp4", "mxfp4", "gptq").
     profile: whose arithmetic produced it, where formats have several ("ct", "modelopt").
     row_parts: a fused expert stack whose experts were quantized as this many row blocks each
         (gate_up: 2, the gate rows and the up rows; down: 1).
+    group_size: elements per scale along K, for formats whose group size varies (gptq).
     """
 
     name: str
     profile: str | None = None
     row_parts: int = 1
+    group_size: int | None = None
 
     @property
     def quantized(self) -> bool:
         return self.name not in DENSE_SCHEMES.values()
 
     def __str__(self) -> str:
-        return self.name if self.profile in (None, "ct") else f"{self.name}-{self.profile}"
+        base = self.name if self.profile in (None, "ct") else f"{self.name}-{self.profile}"
+        return base if self.group_size is None else f"{base}-g{self.group_size}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,25 @@ MODELOPT_NVFP4 = Codec(
 )
 
 
+def _gptq_codec(qc: dict, path: Path) -> Codec:
+    # GPTQ v1 / v2 (formats.md §4.1); sym checkpoints decode with the implicit zero 8, as vLLM does.
+    bits, group = qc.get("bits"), qc.get("group_size", -1)
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
+    if bits != 4 or fmt not in gptq_layout.ZERO_OFFSET or not isinstance(group, int):
+        raise CheckpointError(
+            f"{path}: GPTQ with bits={bits}, format '{fmt}', group_size={group!r} is not one nvq verifies; "
+            f"it reads 4-bit {' and '.join(gptq_layout.ZERO_OFFSET)} checkpoints."
+        )
+    sym = bool(qc.get("sym", True))
+
+    def decode(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return gptq_layout.dequantize(t, fmt, sym)
+
+    # -1: one group per row; the expected-noise model then uses the whole row as the group
+    return Codec(Scheme("gptq", None, 1, group), "qweight", ("qweight", "qzeros", "scales"), decode,
+                 optional=("g_idx",))
+
+
 def _ct_codec(qc: dict, path: Path) -> Codec:
     formats = {qc.get("format")} | {
         g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)
@@ -139,6 +162,7 @@ READERS: dict[str | None, Callable[[dict, Path], Codec] | None] = {
     None: None,
     "compressed-tensors": _ct_codec,
     "modelopt": _modelopt_codec,
+    "gptq": _gptq_codec,
 }
 
 
@@ -268,7 +292,7 @@ def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, S
         except RuntimeError:
             raise CheckpointError(f"{path}: the per-expert modules of '{name}' differ in shape.") from None
         kind = kinds.pop()
-        schemes[name] = Scheme(kind.name, kind.profile, n_parts if kind.quantized else 1)
+        schemes[name] = Scheme(kind.name, kind.profile, n_parts if kind.quantized else 1, kind.group_size)
         for n in members:
             del out[n], schemes[n]
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from nvq.formats import mxfp4, nvfp4
+from nvq.formats import int4, mxfp4, nvfp4
 from nvq.verify.candidate import Scheme
 from nvq.verify.taps import ForwardRun, tap_layer
 
@@ -72,6 +72,12 @@ def _mxfp4_2d(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     return mxfp4.dequantize(mxfp4.quantize(w), torch.float32)
 
 
+def _gptq_2d(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    # Round-to-nearest at the candidate's group size: GPTQ trades a weight error of about this
+    # size for a smaller output error, so RTN is the expected band for both.
+    return int4.dequantize(int4.quantize(w, scheme.group_size or -1), torch.float32)
+
+
 # scheme name → what storing an fp32 [N, K] block in it does to the values
 NOISE = {
     "f32": lambda w, s: w,
@@ -80,6 +86,7 @@ NOISE = {
     "f16": lambda w, s: w.to(torch.float16).float(),
     "nvfp4": _nvfp4_2d,
     "mxfp4": _mxfp4_2d,
+    "gptq": _gptq_2d,
 }
 
 
@@ -108,7 +115,7 @@ def expected_weights(oracle: Mapping[str, torch.Tensor], schemes: Mapping[str, S
 
 
 def _fits(w: torch.Tensor, s: Scheme) -> bool:
-    block = {"nvfp4": 16, "mxfp4": 32}.get(s.name)
+    block = {"nvfp4": 16, "mxfp4": 32, "gptq": s.group_size if (s.group_size or -1) > 0 else None}.get(s.name)
     return block is None or (w.dim() >= 2 and w.shape[-1] % block == 0 and w.shape[-2] % s.row_parts == 0)
 
 

@@ -26,6 +26,7 @@ import torch
 from nvq.errors import ConfigError, NvqError
 from nvq.io.gguf_model import load_canonical
 from nvq.io.hf import HFConfig
+from nvq.io.tokenizer import load_tokenizer
 from nvq.models import for_config
 from nvq.verify.candidate import Candidate
 
@@ -190,15 +191,4 @@ def _shares(lengths: list[int], budget: int) -> list[int]:
 
 
 def _tokenizer(model_dir: Path):
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ConfigError(f"{model_dir} has no tokenizer.json; pass --tokens N to verify on random token ids.")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ConfigError("turning text into token ids needs the 'tokenizers' package (pip install tokenizers), "
-                          "or pass --tokens N.") from None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ConfigError(f"{path} cannot be loaded by the tokenizers library ({e}).") from None
+    return load_tokenizer(model_dir, "pass --tokens N to verify on random token ids")

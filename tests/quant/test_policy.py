@@ -187,7 +187,7 @@ def test_input_dim_not_multiple_of_group_is_refused(tmp_path, tiny_llama):
     tensors = load_file(src / "model.safetensors")
     tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 120, dtype=torch.bfloat16)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(TensorError, match=r"model.layers.0.mlp.down_proj.weight has input dimension 120.*group size 16"):
+    with pytest.raises(TensorError, match=r"model.layers.0.mlp.down_proj.weight: input dimension 120.*group size 16"):
         plan_of(src)
     assert plan_of(src, "mxfp4", parse_recipe("rules:\n  - match: '.*ffn_down.*'\n    scheme: null\n", "t"))
 

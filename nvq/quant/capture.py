@@ -1,0 +1,225 @@
+"""Sequential activation capture: every calibration sequence runs the ordinary reference forward,
+and each quantizable Linear is quantized after ALL sequences have fed it their inputs and before
+ANY sequence uses it. Every Linear therefore sees inputs produced by the already-quantized Linears
+before it (GPTQ's true-sequential order), with one forward per sequence and no per-layer entry
+points in the model code.
+
+How: each sequence runs in its own thread, but only one thread computes at a time (a baton passed
+by the scheduler), so memory holds one sequence's transient tensors. The Linear observer
+(`nvq.models.layers.set_linear_observer`) accumulates xᵀx for the weight about to be used and
+parks the thread. When every thread is parked or finished, the scheduler hands the earliest
+pending request to `solve` (which quantizes the weight in place) and wakes the threads waiting on
+it. MoE experts are requested per expert with only the tokens routed to them; threads then park
+at different experts, and experts are solved in ascending order, which is the order every thread
+visits them in.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from nvq.models import layers as L
+
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One weight to quantize: a 2-D Linear, or expert `expert` of a fused expert stack."""
+
+    weight: str  # canonical name of the tensor the forward reads
+    expert: int | None = None
+
+    @property
+    def layer(self) -> int:
+        m = _LAYER.match(self.weight)
+        return int(m.group(1)) if m else -1
+
+
+class Hessian:
+    """Running Σ xᵀx over calibration rows; `value()` is GPTQ's H = 2/n·Σ xᵀx."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if self.sum is None:
+            self.sum = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
+        self.sum.addmm_(x2.t(), x2)
+        self.rows += x2.shape[0]
+
+    def value(self) -> torch.Tensor | None:
+        return None if self.sum is None or self.rows == 0 else self.sum * (2.0 / self.rows)
+
+
+class CaptureOrderError(RuntimeError):
+    """A sequence reached a weight after it was quantized: the forward's order is not sequential."""
+
+
+class _Aborted(BaseException):
+    """Unwinds a parked sequence thread when the capture stops early."""
+
+
+class _Finished(BaseException):
+    """Stops a forward at the final norm: calibration needs no logits."""
+
+
+class _StopAtHead:
+    def wants(self, name: str) -> bool:
+        return name == "result_norm"
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name == "result_norm":
+            raise _Finished
+        return tensor
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    go: threading.Event = field(default_factory=threading.Event)
+    pending: Request | None = None
+    done: bool = False
+    error: BaseException | None = None
+    last_x: torch.Tensor | None = None
+    last_request: Request | None = None
+
+
+# solve(request, its Hessian or None, Hessian of every token entering that MoE block or None)
+Solve = Callable[[Request, Hessian | None, Hessian | None], None]
+
+
+class SequentialCapture:
+    """Runs `forward(sequence, taps)` for every sequence under the scheduler described above.
+
+    name_of: the canonical name of a weight tensor the forward reads, or None (not quantized).
+    wanted: the requests to solve when reached; others (routers, heads) pass through.
+    """
+
+    def __init__(self, name_of: Callable[[torch.Tensor], str | None], wanted: Iterable[Request], solve: Solve):
+        self.name_of = name_of
+        self.wanted = set(wanted)
+        self.solve = solve
+        self.solved: set[Request] = set()
+        self.hessians: dict[Request, Hessian] = {}
+        self.moe_inputs: dict[str, Hessian] = {}
+        self._first_seen: dict[Request, int] = {}
+        self._local = threading.local()
+        self._main = threading.Event()
+        self._aborted = False
+
+    # -- inside sequence threads ------------------------------------------------------------
+
+    def _observe(self, x: torch.Tensor, weight: torch.Tensor, expert: int | None) -> None:
+        worker: _Worker | None = getattr(self._local, "worker", None)
+        name = self.name_of(weight)
+        if worker is None or name is None:
+            return
+        if expert == L.ALL_EXPERTS:
+            self.moe_inputs.setdefault(name, Hessian()).add(x)
+            return
+        req = Request(name, expert)
+        if req not in self.wanted:
+            return
+        if req in self.solved:
+            raise CaptureOrderError(f"sequence {worker.index} reached {req} after it was quantized")
+        self._accumulate(worker, req, x)
+        self._first_seen.setdefault(req, len(self._first_seen))
+        worker.pending = req
+        self._park(worker)
+        worker.pending = None
+
+    def _accumulate(self, worker: _Worker, req: Request, x: torch.Tensor) -> None:
+        # q/k/v (and gate/up) read the same input tensor: they share one Hessian, summed once.
+        acc = self.hessians.get(req)
+        shared = self.hessians.get(worker.last_request) if worker.last_x is x else None
+        if shared is not None:
+            if acc is None:
+                self.hessians[req] = shared
+                acc = shared
+            if acc is shared:
+                worker.last_request = req
+                return
+        if acc is None:
+            acc = self.hessians[req] = Hessian()
+        acc.add(x)
+        worker.last_x, worker.last_request = x, req
+
+    def _park(self, worker: _Worker) -> None:
+        self._main.set()
+        worker.go.wait()
+        worker.go.clear()
+        if self._aborted:
+            raise _Aborted
+
+    def _thread(self, worker: _Worker, forward: Callable[[int, object], None]) -> None:
+        self._local.worker = worker
+        worker.go.wait()
+        worker.go.clear()
+        try:
+            if not self._aborted:
+                forward(worker.index, _StopAtHead())
+        except (_Finished, _Aborted):
+            pass
+        except BaseException as e:  # handed to the scheduler, which re-raises it
+            worker.error = e
+        finally:
+            worker.done = True
+            worker.last_x = None
+            self._main.set()
+
+    # -- scheduler ---------------------------------------------------------------------------
+
+    def _resume(self, worker: _Worker) -> None:
+        self._main.clear()
+        worker.go.set()
+        self._main.wait()
+        if worker.error is not None:
+            raise worker.error
+
+    def _order(self, req: Request) -> tuple:
+        expert = req.expert is not None
+        part = 1 if "down" in req.weight else 0
+        return (req.layer, 0 if expert else 1, req.expert or 0, part, self._first_seen[req])
+
+    def _forget_before(self, layer: int) -> None:
+        # Every sequence has left the layers before `layer`: their Hessians are no longer needed.
+        for r in [r for r in self.hessians if r.layer < layer]:
+            del self.hessians[r]
+        for n in [n for n in self.moe_inputs if Request(n).layer < layer]:
+            del self.moe_inputs[n]
+
+    def run(self, n_sequences: int, forward: Callable[[int, object], None]) -> None:
+        """forward(i, taps) runs the reference forward of sequence i with those taps."""
+        workers = [_Worker(i) for i in range(n_sequences)]
+        threads = [threading.Thread(target=self._thread, args=(w, forward), daemon=True) for w in workers]
+        L.set_linear_observer(self._observe)
+        try:
+            for t in threads:
+                t.start()
+            runnable = list(workers)
+            while True:
+                for w in runnable:
+                    self._resume(w)
+                parked = [w for w in workers if not w.done]
+                if not parked:
+                    return
+                req = min({w.pending for w in parked}, key=self._order)
+                self._forget_before(req.layer)
+                self.solve(req, self.hessians.get(req), self.moe_inputs.get(req.weight))
+                self.solved.add(req)
+                runnable = [w for w in parked if w.pending == req]
+        finally:
+            self._aborted = True
+            for w in workers:
+                w.go.set()
+            for t in threads:
+                t.join()
+            L.set_linear_observer(None)
