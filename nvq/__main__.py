@@ -1,3 +1,5 @@
+"""`python -m nvq` runs the command line."""
+
 from nvq.cli import main
 
 main()

@@ -67,6 +67,17 @@ class NameTable:
 
     def __post_init__(self) -> None:
         self._compiled = [(_template_regex(r.hf), r) for r in self.rows]
+        self._droppable = [(_template_regex(r.gguf), r) for r in self.rows if r.drop_when is not None]
+
+    def drop_reason(self, canonical: str, arch_config: Any = None) -> str | None:
+        """Why the table drops the tensor with this canonical (GGUF) name on purpose, or None.
+        A GGUF converted from a checkpoint that holds such tensors (llama.cpp copies them) has
+        them too, but they are no part of the model."""
+        for regex, row in self._droppable:
+            m = regex.fullmatch(canonical)
+            if m and "bid" in m.groupdict():
+                return row.drop_when(arch_config, int(m.group("bid")))
+        return None
 
     def resolve(self, name: str, arch_config: Any = None) -> Mapped | None:
         if name.startswith(self.tower_prefixes):

@@ -54,6 +54,13 @@ from nvq.models.gemma3 import embed_scale_value
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 DEFAULT_GLOBAL_HEAD_DIM = 512  # transformers 5.23 default for the popped `global_head_dim` kwarg
+# transformers 5.23 defaults that differ between the two text configs: Gemma4TextConfig turns PLE
+# on (256, not 0) and has a 512 window; Gemma4UnifiedTextConfig has no PLE field and a 1024 window.
+TEXT_DEFAULTS = {
+    "gemma4_text": {"hidden_size_per_layer_input": 256, "sliding_window": 512},
+    "gemma4_unified_text": {"hidden_size_per_layer_input": 0, "sliding_window": 1024},
+}
+TEXT_MODEL_TYPES = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
 # transformers 5.23 defaults of Gemma4TextConfig.rope_parameters
 DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
@@ -110,9 +117,15 @@ class Gemma4Config:
         return tuple(out)
 
 
+def _text_defaults(cfg: HFConfig) -> dict:
+    text_type = TEXT_MODEL_TYPES.get(cfg.text_model_type, cfg.text_model_type)
+    return TEXT_DEFAULTS.get(text_type, TEXT_DEFAULTS["gemma4_text"])
+
+
 def parse_config(cfg: HFConfig) -> Gemma4Config:
     """Both on-disk dialects (gemma4.md §1.3): `global_head_dim`/`num_global_key_value_heads`, or the
     `per_layer_config` that transformers 5.23 writes when it re-saves a model."""
+    defaults = _text_defaults(cfg)
     n_layers = int(cfg.require("num_hidden_layers"))
     layer_types = list(cfg.get("layer_types") or [])
     if not layer_types:
@@ -153,14 +166,14 @@ def parse_config(cfg: HFConfig) -> Gemma4Config:
         has_v_proj=tuple(not (f and k_eq_v) for f in full),
         mlp_width=tuple(intermediate * (2 if double_wide and i >= first_shared else 1) for i in range(n_layers)),
         first_kv_shared=first_shared,
-        # The default is 256, not 0: read it explicitly (gemma4.md §1.2).
-        per_layer_input_size=int(cfg.get("hidden_size_per_layer_input", 256) or 0),
+        # gemma4's default is 256, not 0: read it explicitly (gemma4.md §1.2).
+        per_layer_input_size=int(cfg.get("hidden_size_per_layer_input", defaults["hidden_size_per_layer_input"]) or 0),
         num_experts=int(cfg.get("num_experts", 0) or 0) if moe else 0,
         top_k_experts=int(cfg.get("top_k_experts", 0) or 0) if moe else 0,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if moe else 0,
         vocab_size=int(cfg.get("vocab_size", 262144)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        sliding_window=int(cfg.get("sliding_window", 512)),
+        sliding_window=int(cfg.get("sliding_window", defaults["sliding_window"])),
         rope_sliding=L.RopeSpec.from_hf(rope.get(SLIDING) or DEFAULT_ROPE[SLIDING], 10000.0),
         rope_full=L.RopeSpec.from_hf(rope.get(FULL) or DEFAULT_ROPE[FULL], 1000000.0),
         final_logit_softcapping=None if softcap is None else float(softcap),
@@ -240,6 +253,9 @@ IGNORE_PATTERNS = (
     r"re:.*audio_tower.*",
     r"re:.*embed_vision.*",
     r"re:.*embed_audio.*",
+    # gemma4_unified's encoder-free vision embedder, under its checkpoint name (transformers
+    # renames it to embed_vision on load; a loader matching checkpoint names sees this one)
+    r"re:.*vision_embedder.*",
 )
 
 

@@ -156,7 +156,9 @@ def run_gptq(
         rows = h.rows if h is not None else 0
         if rows >= options.min_expert_tokens:
             return h.value()
-        report.fallback_experts.append(f"blk.{req.layer} expert {req.expert} ({rows} tokens)")
+        note = f"blk.{req.layer} expert {req.expert} ({rows} tokens)"
+        if note not in report.fallback_experts:  # gate/up and down of one expert: one note
+            report.fallback_experts.append(note)
         if "down" in req.weight or moe_all is None:
             return None
         return moe_all.value()

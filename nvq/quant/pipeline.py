@@ -24,7 +24,7 @@ from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import ShardedWriter
 from nvq.layouts import compressed_tensors as ct
 from nvq.quant import gptq_write, tp
-from nvq.quant.policy import GPTQ, Plan, Unit, build_plan
+from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
 
 CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 working copy
@@ -100,7 +100,8 @@ def _plan(ckpt: Checkpoint, scheme: str, recipe, group_size: int | None, tp_size
     largest one that aligns, and the plan's warnings name the weights 128 would have broken."""
     if group_size is not None and scheme != GPTQ:
         raise ConfigError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size.")
-    plan = build_plan(ckpt, scheme, load_recipe(recipe), group_size)
+    plan = _gptq_default_plan(ckpt, recipe) if scheme == GPTQ and group_size is None else \
+        build_plan(ckpt, scheme, load_recipe(recipe), group_size)
     if not tp_size:
         return plan
     broken = tp.misalignments(plan, tp_size)
@@ -116,6 +117,22 @@ def _plan(ckpt: Checkpoint, scheme: str, recipe, group_size: int | None, tp_size
             plan = aligned
     tp.check(plan, tp_size)
     return plan
+
+
+def _gptq_default_plan(ckpt: Checkpoint, recipe) -> Plan:
+    """GPTQ at group size 128, or the largest of 64 / 32 that tiles every weight (with a warning)."""
+    first_error = None
+    for g in GPTQ_GROUP_SIZES:
+        try:
+            plan = build_plan(ckpt, GPTQ, load_recipe(recipe), g)
+        except TensorError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            why = str(first_error).split(";")[0]
+            plan.warnings.append(f"GPTQ group size {g}, the largest that tiles every weight ({why}).")
+        return plan
+    raise first_error
 
 
 def source_bytes(src: str | Path) -> int:

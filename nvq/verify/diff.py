@@ -90,6 +90,13 @@ NOISE = {
 }
 
 
+# Schemes whose weights may legitimately sit further from the oracle than the expected noise says.
+# GPTQ moves weights to cancel output error: on SmolLM2 (group 64) its weight rel-L2 is 1.27× that
+# of round-to-nearest at the median and 2.83× at worst (blk.11.ffn_down), so its band is doubled.
+# Its output error, which the taps judge, is below round-to-nearest's.
+WEIGHT_SLACK = {"gptq": 2.0}
+
+
 def apply_scheme(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """w as the candidate's scheme would store it. Quantized formats work per 2-D block with the
     block's own tensor scale: per expert, and per gate/up half of a fused gate_up stack."""
@@ -252,7 +259,7 @@ def diff_weights(
         s = schemes.get(name)
         label = str(s) if s else None
         exp = rel_l2(expected[name], ref)
-        limit = th.weight_limit(exp)
+        limit = th.weight_limit(exp * WEIGHT_SLACK.get(s.name if s else None, 1.0))
         got = candidate.get(name)
         if got is None:
             out.append(WeightDiff(name, weight_layer(name), label, None, exp, limit, False, "missing from the candidate"))
@@ -264,14 +271,13 @@ def diff_weights(
             continue
         err = rel_l2(got, ref)
         ok = err <= limit
-        hint = None if ok else weight_hint(name, got.float(), ref, th, exp)
+        hint = None if ok else weight_hint(name, got.float(), ref, th, limit)
         out.append(WeightDiff(name, weight_layer(name), label, err, exp, limit, ok, hint))
     return out
 
 
-def weight_hint(name: str, got: torch.Tensor, ref: torch.Tensor, th: Thresholds, expected: float) -> str:
+def weight_hint(name: str, got: torch.Tensor, ref: torch.Tensor, th: Thresholds, limit: float) -> str:
     """The first entry of `HINTS` that explains the difference, else a plain statement."""
-    limit = th.weight_limit(expected)
     for check in HINTS:
         hint = check(name, got, ref, limit)
         if hint:

@@ -51,6 +51,7 @@ class Oracle:
     tensors: dict[str, torch.Tensor]  # canonical name → float32, HF conventions
     config_differences: list[dict]  # [{field, layer, candidate, oracle, structural}], parsed configs
     arch_config: Any = None  # the GGUF's own parsed config (None if it does not parse)
+    ignored: list[str] = dataclasses.field(default_factory=list)  # tensors the model never reads
 
     @property
     def structural_differences(self) -> list[dict]:
@@ -89,7 +90,12 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
     except (NvqError, KeyError, ValueError, TypeError):
         theirs = None
     diffs = [] if theirs is None else config_differences(candidate.arch.config, theirs)
-    return Oracle(path, arch_name, config, tensors, diffs, theirs)
+    # e.g. vestigial K/V of Gemma-4 KV-shared layers (gemma4.md §3.1): llama.cpp copies them
+    # into the GGUF, but the model never reads them, so no candidate is asked to have them.
+    table, arch_config = candidate.arch.table, theirs or candidate.arch.config
+    ignored = sorted(n for n in tensors if table.drop_reason(n, arch_config))
+    tensors = {n: t for n, t in tensors.items() if n not in ignored}
+    return Oracle(path, arch_name, config, tensors, diffs, theirs, ignored)
 
 
 def config_differences(ours, theirs) -> list[dict]:

@@ -154,6 +154,7 @@ def verify(
     if first is None and error is not None:
         first = {"tap": None, "layer": None, "tensor": None, "hint": f"the candidate's forward failed: {error}"}
     notes = [f"candidate tensor '{n}' has no counterpart in the oracle" for n in sorted(set(cand.tensors) - set(orc.tensors))]
+    notes += [f"oracle tensor '{n}' is not compared: the model never reads it" for n in orc.ignored]
     notes += [f"config field {d['field']}: candidate {d['candidate']!r}, oracle GGUF {d['oracle']!r} (the "
               f"candidate's value is used; the GGUF may not carry it)" for d in orc.config_differences if not d["structural"]]
     return VerifyResult(

@@ -101,14 +101,14 @@ def test_weight_hints(make, expected):
     norm = expected == "norm missing or replaced by ones"
     ref = randn(64) + 1 if norm else randn(64, 64)
     name = "blk.3.attn_norm.weight" if norm else "blk.3.attn_q.weight"
-    assert expected in weight_hint(name, make(ref), ref, TH, 0.0)
+    assert expected in weight_hint(name, make(ref), ref, TH, TH.weight_limit(0.0))
 
 
 def test_constant_factor_names_the_expert():
     ref = randn(4, 16, 32)
     got = ref.clone()
     got[2] *= 9.0
-    assert "expert 2" in weight_hint("blk.0.ffn_down_exps.weight", got, ref, TH, 0.0)
+    assert "expert 2" in weight_hint("blk.0.ffn_down_exps.weight", got, ref, TH, TH.weight_limit(0.0))
 
 
 def test_diff_weights_missing_shape_and_band():

@@ -42,3 +42,24 @@ def test_smollm2_converted_by_nvq_verifies_against_its_gguf(scheme, smol, tmp_pa
     assert cert["inputs"]["tokens"]["count"] == 128 and len(cert["taps"]) > 300
     if scheme == "bf16":  # bf16 rounding of the Q4_1 values only
         assert lg["mean_kld"] < 1e-3 and lg["top1_agreement"] > 0.97
+
+
+def test_smollm2_gptq_kld_is_at_most_085_of_rtn_at_the_same_group_size(smol, tmp_path):
+    """GPTQ calibrated on the embedded corpus (Alice + the US Constitution), judged on the default
+    verification prompts, which share no text with it. SmolLM2's hidden size 576 takes group 64."""
+    from nvq.quant.gptq_write import GPTQSettings
+
+    gguf, root = smol
+    klds = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / method
+        summary = convert(root / "bf16", out, "gptq", device="cpu",
+                          gptq=GPTQSettings(method=method, group_size=64, samples=32, seq_len=512))
+        cert_path = tmp_path / f"{method}.json"
+        result = runner.invoke(app, ["verify", str(out), "--oracle", str(gguf), "--json", str(cert_path)])
+        assert result.exit_code == 0, result.output
+        lg = json.loads(cert_path.read_text())["logits"]
+        klds[method] = lg["mean_kld"]
+        print(method, f"KLD {lg['mean_kld']:.3g} (expected for RTN {lg['expected']['mean_kld']:.3g}), "
+              f"top-1 {lg['top1_agreement']:.3f}, convert {summary.seconds:.1f} s")
+    assert klds["gptq"] <= 0.85 * klds["rtn"], klds
