@@ -179,6 +179,7 @@ def verify(
     recipe: RecipeOpt = None,
     factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Candidate error allowed, as a multiple of the expected error (default 2).")] = None,
     teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
+    fp64: Annotated[bool, typer.Option("--fp64", help="Run the reference forwards in float64 instead of float32.")] = False,
 ) -> None:
     """Certify a checkpoint layer by layer against a GGUF oracle; exit 0 pass, 1 fail, 2 bad input."""
     from nvq import report
@@ -187,7 +188,8 @@ def verify(
     def job():
         return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
                    n_tokens=tokens, max_tokens=max_tokens, device=device.value,
-                   thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced)
+                   thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
+                   precision="fp64" if fp64 else "fp32")
 
     cert = _guard(job)
     report.print_verify(cert)

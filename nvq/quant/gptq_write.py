@@ -91,10 +91,13 @@ def quantize_all(ckpt: Checkpoint, plan: Plan, s: GPTQSettings, writer: ShardedW
 
 
 def _skip_patterns(plan: Plan) -> dict[str, dict]:
-    """GPTQModel `dynamic` entries ("-:regex") for Linear modules kept dense inside the decoder,
-    so engines do not expect qweight there (routers, recipe-kept layers)."""
+    """GPTQModel `dynamic` entries ("-:regex", matched against module names) for Linear modules
+    kept dense, so engines do not expect qweight there: routers, recipe-kept layers, and the
+    architecture's towers (its compressed-tensors `re:` ignore patterns)."""
     dense = sorted({u.out.rsplit(".", 1)[0] for u in plan.kept if u.role in (Role.LINEAR, Role.ROUTER)})
-    return {f"-:^{re.escape(m)}$": {} for m in dense}
+    skips = {f"-:^{re.escape(m)}$": {} for m in dense}
+    skips.update({"-:" + p.removeprefix("re:"): {} for p in plan.arch.ignore_patterns if p.startswith("re:")})
+    return skips
 
 
 def quantization_config(plan: Plan, s: GPTQSettings) -> dict:

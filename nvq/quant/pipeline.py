@@ -23,6 +23,7 @@ from nvq.io.gguf import is_gguf
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import ShardedWriter
 from nvq.layouts import compressed_tensors as ct
+from nvq.models.base import Role
 from nvq.quant import gptq_write, tp
 from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
@@ -231,7 +232,8 @@ def _write_group(ckpt: Checkpoint, group: list[Unit], writer: ShardedWriter, dev
     scheme = group[0].scheme
     if scheme is None:
         for u in group:
-            for _, chunk in _read_chunks(ckpt, u, tick):
+            # towers pass through untouched: transformers writes ±inf clip bounds there (no clipping)
+            for _, chunk in _read_chunks(ckpt, u, tick, check_finite=u.role is not Role.TOWER):
                 writer.write(u.out, chunk)
         return
     cache = _GroupCache(ckpt, group, tick)
@@ -307,7 +309,8 @@ class _GroupCache:
             self.cached[key] = kept
 
 
-def _read_chunks(ckpt: Checkpoint, u: Unit, tick: Progress | None) -> Iterator[tuple[int, torch.Tensor]]:
+def _read_chunks(ckpt: Checkpoint, u: Unit, tick: Progress | None,
+                 check_finite: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
     """Row chunks of a unit's 2-D view (elements for vectors), each checked for NaN/Inf."""
     info = ckpt.tensors[u.source]
     first, last = u.rows if u.rows else (0, info.num_rows)
@@ -316,7 +319,7 @@ def _read_chunks(ckpt: Checkpoint, u: Unit, tick: Progress | None) -> Iterator[t
     for a in range(first, last, step):
         b = min(a + step, last)
         chunk = ckpt.read_rows(u.source, a, b)
-        if chunk.is_floating_point():
+        if check_finite and chunk.is_floating_point():
             _check_finite(info, u, chunk, a)
         if tick:
             tick(chunk.numel() * chunk.element_size(), u.source)

@@ -85,6 +85,7 @@ def build(result) -> dict:
         "thresholds": result.thresholds.as_dict(),
         "mode": "teacher-forced" if result.teacher_forced else "free-running",
         "device": result.device,
+        "precision": result.precision,
         "seconds": round(result.seconds, 3),
         "candidate_error": result.candidate_error,
         "notes": result.notes,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+import torch
 import yaml
 
 from nvq.errors import ConfigError, RecipeError
@@ -34,6 +35,8 @@ from nvq.verify.diff import (
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
 from nvq.verify.taps import ForwardRun, run_forward
 
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+
 
 @dataclass
 class VerifyResult:
@@ -50,6 +53,7 @@ class VerifyResult:
     seconds: float
     candidate_error: str | None = None  # the candidate's forward could not run
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # of the reference forwards
 
     @property
     def passed(self) -> bool:
@@ -117,8 +121,12 @@ def verify(
     device: str = "auto",
     thresholds: Thresholds | None = None,
     teacher_forced: bool = False,
+    precision: str = "fp32",
 ) -> VerifyResult:
     started = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    dtype = PRECISIONS[precision]
     th = thresholds or Thresholds()
     dev = resolve_device(device)
     cand = load_candidate(candidate)
@@ -133,7 +141,7 @@ def verify(
         fixed = {d["field"]: getattr(orc.arch_config, d["field"]) for d in structural}
         o_arch = replace(arch, config=replace(arch.config, **fixed))
     try:
-        o_run = run_forward(o_arch, orc.tensors, seqs, dev)
+        o_run = run_forward(o_arch, orc.tensors, seqs, dev, dtype=dtype)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"the oracle {orc.path} does not run under the candidate's config ({_one_line(e)}); "
@@ -141,11 +149,11 @@ def verify(
         ) from None
     expected = expected_weights(orc.tensors, cand.schemes)
     force = o_run if teacher_forced else None
-    e_run = run_forward(o_arch, expected, seqs, dev, force=force)
-    c_run, error = _try_forward(arch, cand.tensors, seqs, dev, force)
+    e_run = run_forward(o_arch, expected, seqs, dev, force=force, dtype=dtype)
+    c_run, error = _try_forward(arch, cand.tensors, seqs, dev, force, dtype)
     # Logit statistics always describe the model as it runs (free-running), in both modes.
-    e_free = run_forward(o_arch, expected, seqs, dev) if teacher_forced else e_run
-    c_free = _try_forward(arch, cand.tensors, seqs, dev, None)[0] if teacher_forced and c_run else c_run
+    e_free = run_forward(o_arch, expected, seqs, dev, dtype=dtype) if teacher_forced else e_run
+    c_free = _try_forward(arch, cand.tensors, seqs, dev, None, dtype)[0] if teacher_forced and c_run else c_run
     taps = diff_taps(o_run, c_run, e_run, th) if c_run is not None else []
     weights = diff_weights(cand.tensors, orc.tensors, expected, cand.schemes, th)
     logits = _logits(o_run, c_free, e_free, seqs, th)
@@ -159,14 +167,14 @@ def verify(
               f"candidate's value is used; the GGUF may not carry it)" for d in orc.config_differences if not d["structural"]]
     return VerifyResult(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
-        time.perf_counter() - started, error, notes,
+        time.perf_counter() - started, error, notes, precision,
     )
 
 
-def _try_forward(arch, tensors, seqs, dev, force) -> tuple[ForwardRun | None, str | None]:
+def _try_forward(arch, tensors, seqs, dev, force, dtype) -> tuple[ForwardRun | None, str | None]:
     """The candidate's forward, or why it could not run (a missing or misshapen tensor)."""
     try:
-        return run_forward(arch, tensors, seqs, dev, force=force), None
+        return run_forward(arch, tensors, seqs, dev, force=force, dtype=dtype), None
     except (KeyError, RuntimeError, ValueError) as e:
         return None, _one_line(e)
 

@@ -59,8 +59,9 @@ def run_forward(
     sequences: list[torch.Tensor],
     device: str | torch.device = "cpu",
     force: ForwardRun | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ForwardRun:
-    """The reference forward (fp32, exact embedding scale) over each sequence; taps of all
+    """The reference forward (fp32, or `dtype`; exact embedding scale) over each sequence; taps of all
     sequences concatenated along tokens. With `force`, teacher-forced on that run's stream."""
     extra = {}
     if "embed_scale" in inspect.signature(arch.module.forward).parameters:
@@ -75,7 +76,7 @@ def run_forward(
             taps = ForcingTaps({n: t[a:b] for n, t in force.taps.items() if STREAM_TAPS.fullmatch(n)})
         with torch.no_grad():
             out = arch.module.forward(
-                arch.config, tensors, ids, taps=taps, dtype=torch.float32, device=device, **extra
+                arch.config, tensors, ids, taps=taps, dtype=dtype, device=device, **extra
             )
         logits.append(out.float().cpu())
         per_seq.append(dict(taps.items()))

@@ -13,27 +13,8 @@ from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import load_file
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from nvq.formats import e2m1, mxfp4, nvfp4
 from nvq.quant.pipeline import convert
-
-DEQUANT = {
-    "nvfp4": lambda sd, dtype: nvfp4.dequantize(
-        nvfp4.NVFP4Quantized(e2m1.unpack_pairs(sd["weight_packed"]), sd["weight_scale"], sd["weight_global_scale"]),
-        dtype,
-    ),
-    "mxfp4": lambda sd, dtype: mxfp4.dequantize(
-        mxfp4.MXFP4Quantized(e2m1.unpack_pairs(sd["weight_packed"]), sd["weight_scale"]), dtype
-    ),
-}
-
-
-def modules_of(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        module, _, local = name.rpartition(".")
-        if local.startswith("weight_"):
-            modules.setdefault(module, {})[local] = t
-    return modules
+from tests.support.ct_dequant import DEQUANT, ct_modules
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4"])
@@ -48,7 +29,7 @@ def test_compressed_tensors_decompresses_to_nvq_dequantization(model, scheme, re
     assert ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(dict(qc_dict))) is not None
     group = qc.config_groups["group_0"]
     compressor = BaseCompressor.get_value_from_registry(qc.format)
-    modules = modules_of(load_file(out / "model.safetensors"))
+    modules = ct_modules(load_file(out / "model.safetensors"))
     assert modules
     for module, state in modules.items():
         weight = compressor.decompress(dict(state), group)["weight"]

@@ -144,3 +144,13 @@ def test_v2_and_act_order_g_idx_decode():
     expect = (scales.float()[g_idx] * (codes - zeros[g_idx]).float()).t()
     assert torch.equal(gptq.dequantize(tensors, "gptq_v2", sym=False), expect)
     assert torch.equal(gptq.dequantize(tensors, "gptq", sym=False), (scales.float()[g_idx] * (codes - zeros[g_idx] - 1).float()).t())
+
+
+def test_transformers_gptq_config_reads_the_fields(rtn_checkpoint):
+    # transformers 5.23 parses the quantization_config with GPTQConfig (loading the weights
+    # needs gptqmodel + optimum, which vLLM does not; formats.md §4.2)
+    from transformers import GPTQConfig
+
+    _, out = rtn_checkpoint
+    cfg = GPTQConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert (cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.format) == (4, 32, True, False, "gptq")

@@ -29,3 +29,26 @@ def as_modelopt_names(ct_dir: Path, dst: Path) -> Path:
     }  # fmt: skip
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+# llama.cpp's converter (llama-cpp-python 0.3.36) registers Gemma4UnifiedForConditionalGeneration
+# but not Gemma4UnifiedForCausalLM, whose decoder it would convert exactly like Gemma4ForCausalLM's.
+CONVERTER_ARCHITECTURES = {"Gemma4UnifiedForCausalLM": "Gemma4ForCausalLM"}
+
+
+def as_llamacpp_convertible(src: Path, dst: Path) -> Path:
+    """A copy of a Gemma-4 checkpoint (dense or quantized) that llama.cpp's converter accepts;
+    tensors untouched, config.json edited only where the converter falls short:
+
+    * the unified causal architecture gets the name of the class that converts it;
+    * Gemma4Model.set_gguf_parameters requires an `moe_intermediate_size` key, which
+      Gemma4UnifiedTextConfig never writes; null is what Gemma4TextConfig writes for dense models.
+    """
+    shutil.copytree(src, dst)
+    path = dst / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["architectures"] = [CONVERTER_ARCHITECTURES.get(a, a) for a in cfg.get("architectures", [])]
+    text = cfg.get("text_config") or cfg
+    text.setdefault("moe_intermediate_size", None)
+    path.write_text(json.dumps(cfg, indent=2))
+    return dst

@@ -40,6 +40,7 @@ __all__ = [
     "LLAMA_CPP_PYTHON_VERSION",
     "GGUFContents",
     "cache_dir",
+    "convert_many_to_gguf",
     "convert_to_gguf",
     "converter_dir",
     "read_gguf",
@@ -195,6 +196,50 @@ def convert_to_gguf(
     return out
 
 
+def convert_many_to_gguf(
+    jobs: list[tuple[str | Path, str | Path]],
+    outtype: str = "f32",
+    timeout: float = _CONVERT_TIMEOUT_S,
+) -> list[Path | RuntimeError]:
+    """:func:`convert_to_gguf` of every ``(hf_dir, out_file)`` in one child process.
+
+    The converter's imports (torch, transformers) cost more than converting a tiny model, so
+    they are paid once. Returns, per job, the GGUF path or a RuntimeError with the converter's
+    traceback; one failing job does not stop the others.
+    """
+    if not jobs:
+        return []
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    with tempfile.TemporaryDirectory(prefix="nvq-convert-") as tmp:
+        spec = [
+            [str(Path(src).resolve()), str(Path(out).resolve()), outtype] for src, out in jobs
+        ]
+        for _, out, _ in spec:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / "jobs.json").write_text(json.dumps(spec))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_convert_many", str(script), tmp]
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout * len(jobs),
+                env=_child_env(), cwd=tmp,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"batch conversion timed out after {e.timeout} s: {cmd}") from e
+        results_path = Path(tmp) / "results.json"
+        if proc.returncode != 0 or not results_path.is_file():
+            raise RuntimeError(
+                f"batch conversion failed (exit {proc.returncode}):\n{_tail(proc.stderr or proc.stdout)}"
+            )
+        errors = json.loads(results_path.read_text())
+    results: list[Path | RuntimeError] = []
+    for (src, out, _), error in zip(spec, errors, strict=True):
+        if error is None and Path(out).is_file():
+            results.append(Path(out))
+        else:
+            results.append(RuntimeError(f"convert_hf_to_gguf.py failed on {src}:\n{_tail(error or '')}"))
+    return results
+
+
 class GGUFContents(NamedTuple):
     """What :func:`read_gguf` returns; unpacks as ``(metadata, tensors, types)``."""
 
@@ -288,9 +333,38 @@ def _dump(gguf_path: str, out_dir: str, vendored: str | None = None) -> None:
     (Path(out_dir) / "info.json").write_text(json.dumps(info))
 
 
+def _convert_many(script: str, job_dir: str) -> None:
+    """Run the converter's ``main()`` once per job listed in JOB_DIR/jobs.json."""
+    import io
+    import logging
+    import traceback
+
+    sys.path.insert(0, str(Path(script).parent))
+    import convert_hf_to_gguf  # puts its vendored gguf-py on sys.path
+
+    errors: list[str | None] = []
+    for src, out, outtype in json.loads((Path(job_dir) / "jobs.json").read_text()):
+        sys.argv = [script, src, "--outfile", out, "--outtype", outtype]
+        log = io.StringIO()  # this job's log, for its error message
+        handler = logging.StreamHandler(log)
+        logging.getLogger().addHandler(handler)
+        try:
+            convert_hf_to_gguf.main()
+            errors.append(None)
+        except SystemExit as e:  # the converter exits on unsupported models
+            errors.append(None if e.code in (0, None) else f"{log.getvalue()}exit {e.code}")
+        except Exception:
+            errors.append(log.getvalue() + traceback.format_exc())
+        finally:
+            logging.getLogger().removeHandler(handler)
+    (Path(job_dir) / "results.json").write_text(json.dumps(errors))
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "_dump":
         _pp = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or None
         _dump(sys.argv[2], sys.argv[3], vendored=_pp)
+    elif len(sys.argv) == 4 and sys.argv[1] == "_convert_many":
+        _convert_many(sys.argv[2], sys.argv[3])
     else:
-        sys.exit(f"usage: {sys.argv[0]} _dump GGUF_FILE OUT_DIR")
+        sys.exit(f"usage: {sys.argv[0]} _dump GGUF_FILE OUT_DIR | _convert_many SCRIPT JOB_DIR")

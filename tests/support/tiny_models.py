@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import torch
 __all__ = [
     "BOS_ID",
     "EOS_ID",
+    "GEMMA4_DIALECTS",
     "GEMMA4_VARIANTS",
     "PAD_ID",
     "TOKENIZER_VOCAB_SIZE",
@@ -51,8 +53,10 @@ __all__ = [
     "build_tiny_llama",
     "build_tokenizer",
     "gemma3_config_dict",
+    "gemma4_base_text_config",
     "gemma4_text_config_dict",
     "llama_config_dict",
+    "save_random_gemma4",
     "tokenizer_vocab",
 ]
 
@@ -204,11 +208,17 @@ def _randomize_(
     model: torch.nn.Module,
     seed: int,
     uniform_range: Callable[[str], tuple[float, float] | None],
+    stream_key: Callable[[str], str] | None = None,
 ) -> None:
     """Overwrite every persistent tensor of ``model`` in place, deterministically.
 
     ``uniform_range(name)`` returns ``(lo, hi)`` for tensors drawn uniformly
     from [lo, hi), or None for N(0, _STD^2). Tied tensors are filled once.
+
+    By default one generator fills the tensors in sorted name order. With
+    ``stream_key``, each tensor gets its own generator seeded from ``seed`` and
+    ``stream_key(name)``, so a tensor's values do not depend on which other
+    modules (e.g. vision/audio towers) the model holds.
     """
     gen = torch.Generator().manual_seed(seed)
     state = model.state_dict(keep_vars=True)
@@ -219,6 +229,8 @@ def _randomize_(
             if t.data_ptr() in seen or not t.is_floating_point():
                 continue
             seen.add(t.data_ptr())
+            if stream_key is not None:
+                gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(stream_key(name).encode()))
             rng = uniform_range(name)
             if rng is None:
                 vals = torch.randn(t.shape, generator=gen, dtype=torch.float32) * _STD
@@ -291,6 +303,7 @@ def build_tiny_llama(
 # --------------------------------------------------------------------------
 
 GEMMA4_VARIANTS = ("moe", "ple", "dense_keqv")
+GEMMA4_DIALECTS = ("global", "per_layer")  # config dialects, see build_tiny_gemma4
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 _GEMMA4_ROPE = {
@@ -299,15 +312,12 @@ _GEMMA4_ROPE = {
 }
 
 
-def gemma4_text_config_dict(variant: str, vocab_size: int) -> dict:
-    """The Gemma4TextConfig kwargs of a tiny variant (in the "global" dialect).
+def gemma4_base_text_config(vocab_size: int, family: str = "gemma4") -> dict:
+    """Text-config kwargs shared by every tiny Gemma-4 (hidden 64, head_dim 16/32, window 8).
 
-    ``global_head_dim`` / ``num_global_key_value_heads`` are the keys that
-    Google's original configs carry; transformers 5.23 pops them into
-    ``per_layer_config``.
+    ``family`` "gemma4" (Gemma4TextConfig) adds the PLE and MoE switches, off;
+    "gemma4_unified" (Gemma4UnifiedTextConfig) has no such fields.
     """
-    if variant not in GEMMA4_VARIANTS:
-        raise ValueError(f"unknown Gemma-4 variant {variant!r}; expected one of {GEMMA4_VARIANTS}")
     cfg = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -324,17 +334,35 @@ def gemma4_text_config_dict(variant: str, vocab_size: int) -> dict:
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
         attention_bias=False,
-        # The default is 256 (PLE on): always set it explicitly.
-        hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=vocab_size,
         num_kv_shared_layers=0,
         use_double_wide_mlp=False,
-        enable_moe_block=False,
         attention_k_eq_v=False,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
+    if family == "gemma4":
+        cfg.update(
+            # The default is 256 (PLE on): always set it explicitly.
+            hidden_size_per_layer_input=0,
+            vocab_size_per_layer_input=vocab_size,
+            enable_moe_block=False,
+        )
+    elif family != "gemma4_unified":
+        raise ValueError(f"unknown Gemma-4 family {family!r}; expected 'gemma4' or 'gemma4_unified'")
+    return cfg
+
+
+def gemma4_text_config_dict(variant: str, vocab_size: int) -> dict:
+    """The Gemma4TextConfig kwargs of a tiny variant (in the "global" dialect).
+
+    ``global_head_dim`` / ``num_global_key_value_heads`` are the keys that
+    Google's original configs carry; transformers 5.23 pops them into
+    ``per_layer_config``.
+    """
+    if variant not in GEMMA4_VARIANTS:
+        raise ValueError(f"unknown Gemma-4 variant {variant!r}; expected one of {GEMMA4_VARIANTS}")
+    cfg = gemma4_base_text_config(vocab_size)
     if variant in ("moe", "dense_keqv"):
         cfg.update(
             num_hidden_layers=6,
@@ -363,10 +391,20 @@ def gemma4_text_config_dict(variant: str, vocab_size: int) -> dict:
     return cfg
 
 
+# Clip bounds of the towers' clippable Linears: finite, as in a trained checkpoint (transformers
+# initializes them to ±inf, i.e. no clipping).
+_CLIP_BOUND_RANGES = {
+    "input_min": (-4.0, -2.0),
+    "output_min": (-4.0, -2.0),
+    "input_max": (2.0, 4.0),
+    "output_max": (2.0, 4.0),
+}
+
+
 def _gemma4_uniform_range(name: str) -> tuple[float, float] | None:
     if _is_norm(name) or name.endswith(("layer_scalar", "router.scale", "router.per_expert_scale")):
         return (0.5, 1.5)
-    return None
+    return _CLIP_BOUND_RANGES.get(name.rsplit(".", 1)[-1])
 
 
 def _rewrite_gemma4_dialect(out: Path, text_cfg: dict, conditional: bool, dialect: str) -> None:
@@ -384,8 +422,9 @@ def _rewrite_gemma4_dialect(out: Path, text_cfg: dict, conditional: bool, dialec
         if "global_head_dim" in text or "num_global_key_value_heads" in text:
             raise AssertionError("transformers wrote global_head_dim; dialect assumption broken")
         plc = text.get("per_layer_config")
-        full = [str(i) for i, t in enumerate(text_cfg["layer_types"]) if t == _FULL]
-        if not isinstance(plc, dict) or sorted(plc) != sorted(full):
+        full = [i for i, t in enumerate(text_cfg["layer_types"]) if t == _FULL]
+        # transformers zero-pads the keys to one width ("05", "11") once an index has two digits
+        if not isinstance(plc, dict) or sorted(int(k) for k in plc) != full:
             raise AssertionError(f"unexpected per_layer_config from transformers: {plc!r}")
         return
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -425,8 +464,6 @@ def build_tiny_gemma4(
         Gemma4TextConfig,
     )
 
-    if dialect not in ("global", "per_layer"):
-        raise ValueError(f"dialect must be 'global' or 'per_layer', not {dialect!r}")
     out = Path(out_dir)
     vocab = build_tokenizer(out)
     text_cfg = gemma4_text_config_dict(variant, vocab)
@@ -441,7 +478,25 @@ def build_tiny_gemma4(
     else:
         cfg = Gemma4TextConfig(**copy.deepcopy(text_cfg))
         model = _new_model(Gemma4ForCausalLM, cfg, seed)
-    _randomize_(model, seed, _gemma4_uniform_range)
+    return save_random_gemma4(out, model, text_cfg, conditional, dialect, dtype, seed)
+
+
+def save_random_gemma4(
+    out: Path,
+    model: torch.nn.Module,
+    text_cfg: dict,
+    conditional: bool,
+    dialect: str,
+    dtype: torch.dtype,
+    seed: int,
+    stream_key: Callable[[str], str] | None = None,
+) -> Path:
+    """Randomize a freshly built Gemma-4 ``model`` (see :func:`_randomize_`), save it into
+    ``out`` and write its config in ``dialect`` ("global" or "per_layer", see
+    :func:`build_tiny_gemma4`). ``text_cfg`` is the text config it was built from."""
+    if dialect not in GEMMA4_DIALECTS:
+        raise ValueError(f"dialect must be one of {GEMMA4_DIALECTS}, not {dialect!r}")
+    _randomize_(model, seed, _gemma4_uniform_range, stream_key)
     _save(model, out, dtype)
     _rewrite_gemma4_dialect(out, text_cfg, conditional, dialect)
     return out

@@ -131,3 +131,11 @@ def test_recipe_and_factor_set_the_thresholds(llama_f32, tiny_gguf, tmp_path):
     assert cert["thresholds"] == {"factor": 3.0, "tap_floor": 0.001, "weight_floor": 1e-6, "kld_floor": 1e-5}
     cert, _ = certify(tmp_path, llama_f32, tiny_gguf(llama_f32, "f32"), "--recipe", recipe, "--factor", "1.5")
     assert cert["thresholds"]["factor"] == 1.5 and cert["taps"][-1]["limit"] == pytest.approx(0.001)
+
+
+def test_fp64_reference_forwards_agree_to_fp64_noise(llama_f32, tiny_gguf, tmp_path):
+    # the f32 GGUF holds the candidate's own values: in fp64 every tap agrees to ~1e-15, well
+    # below the fp32 forward's ~1e-7, which shows the forwards really ran in float64
+    cert, _ = certify(tmp_path, llama_f32, tiny_gguf(llama_f32, "f32"), "--fp64", "--tokens", "24")
+    assert cert["precision"] == "fp64"
+    assert max(t["rel_l2"] for t in cert["taps"]) <= 1e-12
