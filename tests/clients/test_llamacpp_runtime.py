@@ -60,13 +60,8 @@ N_TOKENS = 48  # longer than every miniature's sliding window (8, 16), so the wi
 
 # llama.cpp 0c1e570's gemma4 loader reads no `.scale` for the per-layer-embedding projections, so
 # an E2B GGUF whose PLE Linears are NVFP4 does not load (see the regression test below); the
-# miniature keeps them dense for the agreement test.
-PLE_DENSE_RECIPE = """\
-description: keep the per-layer-embedding projections dense
-rules:
-  - match: 'per_layer_model_proj\\.weight|blk\\.\\d+\\.(inp_gate|proj)\\.weight'
-    scheme: null
-"""
+# miniature keeps them dense with the preset shipped for that (recipes/llamacpp-compatible.yaml).
+LLAMACPP_PRESET = "llamacpp-compatible"
 
 
 @dataclass(frozen=True)
@@ -118,10 +113,7 @@ def source(tmp_path_factory):
 
 
 def nvfp4_and_gguf(src: Path, model: Model, root: Path) -> tuple[Path, Path]:
-    recipe = None
-    if model.keep_ple_dense:
-        recipe = root / "ple-dense.yaml"
-        recipe.write_text(PLE_DENSE_RECIPE)
+    recipe = LLAMACPP_PRESET if model.keep_ple_dense else None
     out = root / "nvfp4"
     convert(src, out, "nvfp4", recipe=recipe, device="cpu")
     gguf_src = as_modelopt_names(out, root / "modelopt") if model.modelopt_names else out
