@@ -40,6 +40,9 @@ class GPTQLayout:
             OutputTensor(f"{module}.g_idx", "I32", (k,)),
         ]
 
+    def shape_problem(self, shape: tuple[int, int]) -> str | None:
+        return check_shape(shape, self.group_size)
+
 
 def check_shape(shape: tuple[int, int], group_size: int) -> str | None:
     """Why a [N, K] weight cannot be stored as GPTQ with this group size, or None."""

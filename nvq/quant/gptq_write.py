@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +17,10 @@ from nvq.io.safetensors import ShardedWriter
 from nvq.layouts import gptq as layout
 from nvq.models.base import Role
 from nvq.quant import calib, calibrate
-from nvq.quant.calibrate import GPTQReport, LayerStats
+from nvq.quant.calibrate import GPTQReport, LayerDone
 from nvq.quant.policy import Plan, Unit
 
 METHODS = ("gptq", "rtn")
-LayerDone = Callable[[LayerStats, int], None]
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class GPTQSummary:
     seconds: float = 0.0
 
 
-def check_settings(s: GPTQSettings, ckpt: Checkpoint) -> None:
+def check_settings(s: GPTQSettings) -> None:
     if s.method not in METHODS:
         raise ConfigError(f"--method {s.method!r} is not one of {', '.join(METHODS)}.")
     if not 0 < s.damp < 1:

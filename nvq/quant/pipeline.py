@@ -99,8 +99,6 @@ def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None,
 def _plan(ckpt: Checkpoint, scheme: str, recipe, group_size: int | None, tp_size: int | None) -> Plan:
     """The plan, checked for `tp_size` ranks. GPTQ without an explicit group size takes the
     largest one that aligns, and the plan's warnings name the weights 128 would have broken."""
-    if group_size is not None and scheme != GPTQ:
-        raise ConfigError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size.")
     plan = _gptq_default_plan(ckpt, recipe) if scheme == GPTQ and group_size is None else \
         build_plan(ckpt, scheme, load_recipe(recipe), group_size)
     if not tp_size:
@@ -185,7 +183,7 @@ def convert(
     ckpt = Checkpoint.open(src)
     plan = _plan(ckpt, scheme, recipe, gptq.group_size if gptq else None, tp_size)
     if gptq is not None:
-        gptq_write.check_settings(gptq, ckpt)
+        gptq_write.check_settings(gptq)
     dev = resolve_device(device)
     out = Path(out)
     summary = ConvertSummary(

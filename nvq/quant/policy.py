@@ -15,7 +15,7 @@ from nvq.formats.constants import GPTQ_DEFAULT_GROUP
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import OutputTensor
 from nvq.layouts import compressed_tensors as ct
-from nvq.layouts import gptq as gptq_layout
+from nvq.layouts.gptq import GPTQLayout
 from nvq.models import Architecture, for_config
 from nvq.models.base import EXPERT_ROLES, QUANTIZABLE_ROLES, Mapped, Role
 from nvq.quant.recipe import Recipe, Rule
@@ -70,17 +70,12 @@ class CTLayout:
         return None
 
 
-@dataclass(frozen=True)
-class GPTQLayout(gptq_layout.GPTQLayout):
-    def shape_problem(self, shape: tuple[int, ...]) -> str | None:
-        return gptq_layout.check_shape(shape, self.group_size)
-
-
 def scheme_layout(scheme: str, group_size: int | None = None) -> CTLayout | GPTQLayout:
     if scheme == GPTQ:
         return GPTQLayout(group_size or GPTQ_DEFAULT_GROUP)
     if group_size is not None and group_size != ct.LAYOUTS[scheme].group_size:
-        raise RecipeError(f"{scheme} has a fixed group size of {ct.LAYOUTS[scheme].group_size}; --group-size applies to gptq.")
+        raise RecipeError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size of "
+                          f"{ct.LAYOUTS[scheme].group_size}.")
     return CTLayout(scheme)
 
 

@@ -168,7 +168,7 @@ def token_ids(
         texts, source = [prompt], "--prompt"
     else:
         texts, source = default_prompts(), "default prompts"
-    tok = _tokenizer(candidate.path)
+    tok = load_tokenizer(candidate.path, "pass --tokens N to verify on random token ids")
     encoded = [tok.encode(text).ids for text in texts]
     sequences = []
     for ids, cap in zip(encoded, _shares([len(e) for e in encoded], max_tokens), strict=True):
@@ -195,6 +195,3 @@ def _shares(lengths: list[int], budget: int) -> list[int]:
         left -= caps[i]
     return caps
 
-
-def _tokenizer(model_dir: Path):
-    return load_tokenizer(model_dir, "pass --tokens N to verify on random token ids")

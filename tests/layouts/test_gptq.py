@@ -79,7 +79,6 @@ def test_independent_decoder_equals_nvq_dequantization(rtn_checkpoint):
         ours = spec_decode(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"])
         nvq_w = gptq.dequantize({k: torch.from_numpy(v) for k, v in parts.items()}).numpy()
         np.testing.assert_array_equal(ours, nvq_w, err_msg=stem)
-        # and the source weight re-quantized by the codec gives the same bytes
         assert ckpt.tensors[f"{stem}.qweight"].dtype == "I32"
     assert any(s.name == "gptq" for s in cand.schemes.values())
 

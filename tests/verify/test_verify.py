@@ -134,8 +134,19 @@ def test_recipe_and_factor_set_the_thresholds(llama_f32, tiny_gguf, tmp_path):
 
 
 def test_fp64_reference_forwards_agree_to_fp64_noise(llama_f32, tiny_gguf, tmp_path):
-    # the f32 GGUF holds the candidate's own values: in fp64 every tap agrees to ~1e-15, well
-    # below the fp32 forward's ~1e-7, which shows the forwards really ran in float64
+    # the f32 GGUF holds the candidate's own values, so candidate and oracle agree exactly
     cert, _ = certify(tmp_path, llama_f32, tiny_gguf(llama_f32, "f32"), "--fp64", "--tokens", "24")
     assert cert["precision"] == "fp64"
     assert max(t["rel_l2"] for t in cert["taps"]) <= 1e-12
+
+
+def test_fp64_precision_runs_the_forwards_in_float64(llama_f32):
+    import torch
+
+    from nvq.models.load import load_hf
+    from nvq.verify.run import PRECISIONS
+    from nvq.verify.taps import run_forward
+
+    arch, tensors = load_hf(llama_f32)
+    run = run_forward(arch, tensors, [torch.arange(8)], dtype=PRECISIONS["fp64"])
+    assert run.taps["l_out-0"].dtype == torch.float64
