@@ -177,7 +177,8 @@ def verify(
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Cap on the tokens taken from the prompts.")] = 128,
     device: Annotated[Device, typer.Option("--device", help="Where the reference forwards run.")] = Device.auto,
     recipe: RecipeOpt = None,
-    factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Candidate error allowed, as a multiple of the expected error (default 2).")] = None,
+    factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Set the weight, tap and KLD factors at once: candidate error allowed as a multiple of the expected error (defaults 1.25, 1.5, 2).")] = None,
+    draws: Annotated[int, typer.Option("--draws", min=1, max=16, help="Expected-noise draws against a lossy oracle (each one more forward).")] = 2,
     teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
     fp64: Annotated[bool, typer.Option("--fp64", help="Run the reference forwards in float64 instead of float32.")] = False,
 ) -> None:
@@ -189,7 +190,7 @@ def verify(
         return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
                    n_tokens=tokens, max_tokens=max_tokens, device=device.value,
                    thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
-                   precision="fp64" if fp64 else "fp32")
+                   precision="fp64" if fp64 else "fp32", draws=draws)
 
     cert = _guard(job)
     report.print_verify(cert)

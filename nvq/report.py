@@ -254,12 +254,13 @@ def verify_verdict_line(cert: dict) -> str:
         if lg.get("mean_kld") is not None else "no logits (the candidate's forward failed)"
     )
     if cert["verdict"] == "pass":
-        return (f"PASS: {len(cert['taps'])} taps and {len(cert['weights'])} weights within the expected-noise "
-                f"band · {stats}")
+        level = ("bit-exact with nvq's storage of the oracle" if cert.get("level") == "bit-exact"
+                 else "within the expected-noise band")
+        return f"PASS: {len(cert['taps'])} taps and {len(cert['weights'])} weights {level} · {stats}"
     fd = cert["first_divergence"] or {}
     where = fd.get("tap") or "(no tap)"
     if fd.get("tensor"):
-        where += f" ({fd['tensor']})"
+        where += f" ({fd['tensor']}{', ' + fd['where'] if fd.get('where') else ''})"
     bad_t = sum(not t["ok"] for t in cert["taps"])
     bad_w = sum(not w["ok"] for w in cert["weights"])
     hint = f": {fd['hint']}" if fd.get("hint") else ""

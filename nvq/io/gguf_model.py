@@ -23,6 +23,7 @@ import torch
 
 from nvq.errors import CheckpointError, ConfigError
 from nvq.io.gguf import GGUFFile
+from nvq.io.gguf_cells import Cells, is_exact, read_cells
 from nvq.io.gguf_config import ArchSpec, Fix, Unpermute, head_rows, hf_config, spec_for
 
 CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk: 64 MiB
@@ -99,6 +100,31 @@ class GGUFModel:
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
         return x.reshape(unit.shape)
 
+    def storage(self, unit: Unit) -> str:
+        """The ggml type the unit is stored in ("F32", "Q8_0", ...)."""
+        return self.gguf.info(unit.source).type_name
+
+    def read_cells(self, unit: Unit) -> Cells | None:
+        """The rounding cells of the unit's values (nvq.io.gguf_cells), in the canonical row order;
+        None when its type stores values exactly. A value shift (Gemma-3 norms) moves a cell's
+        centre, not its edges, so only row permutations are applied."""
+        if is_exact(self.storage(unit)):
+            return None
+        info = self.gguf.info(unit.source)
+        first, last = unit.rows
+        if len(info.ne) == 1:
+            values = self.gguf.read(unit.source)[first:last].reshape(1, -1)
+            cells = read_cells(self.gguf, unit.source, 0, 1, values)
+            return None if cells is None else _reshaped(cells, unit.shape)
+        parts = []
+        for a in range(first, last, max(1, CHUNK_ELEMENTS // max(info.ne[0], 1))):
+            b = min(a + max(1, CHUNK_ELEMENTS // max(info.ne[0], 1)), last)
+            parts.append(read_cells(self.gguf, unit.source, a, b, self.gguf.read_rows(unit.source, a, b)))
+        lower, upper = torch.cat([c.lower for c in parts]), torch.cat([c.upper for c in parts])
+        if unit.fix is not None and isinstance(unit.fix.transform, Unpermute):
+            lower, upper = unit.fix.transform(lower, unit.dims), unit.fix.transform(upper, unit.dims)
+        return _reshaped(Cells(lower, upper, any(c.approximate for c in parts)), unit.shape)
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for unit in self.units:
             yield unit.canonical, self.read(unit)
@@ -106,6 +132,10 @@ class GGUFModel:
     @staticmethod
     def _fix(unit: Unit, x: torch.Tensor) -> torch.Tensor:
         return unit.fix.transform(x, unit.dims) if unit.fix else x
+
+
+def _reshaped(cells: Cells, shape: tuple[int, ...]) -> Cells:
+    return Cells(cells.lower.reshape(shape), cells.upper.reshape(shape), cells.approximate)
 
 
 def load_canonical(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -116,6 +146,29 @@ def load_canonical(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]
     """
     model = GGUFModel.open(path)
     return model.arch_name, model.config, dict(model.tensors())
+
+
+@dataclass
+class CanonicalGGUF:
+    """A whole GGUF in canonical form, with how each tensor was stored and its rounding cells."""
+
+    arch_name: str
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    storage: dict[str, str]  # canonical name -> ggml type name
+    cells: dict[str, Cells]  # canonical name -> cells, for tensors stored lossily
+
+
+def load_canonical_with_cells(path: str | Path) -> CanonicalGGUF:
+    model = GGUFModel.open(path)
+    tensors, storage, cells = {}, {}, {}
+    for unit in model.units:
+        tensors[unit.canonical] = model.read(unit)
+        storage[unit.canonical] = model.storage(unit)
+        c = model.read_cells(unit)
+        if c is not None:
+            cells[unit.canonical] = c
+    return CanonicalGGUF(model.arch_name, model.config, tensors, storage, cells)
 
 
 def _plan(gf: GGUFFile, spec: ArchSpec, config: dict) -> tuple[list[Unit], dict[str, str]]:

@@ -50,24 +50,27 @@ def build(result) -> dict:
     c, o, tokens = result.candidate, result.oracle, result.tokens
     logits = {k: _num(result.logits[k]) for k in LOGIT_KEYS if k in result.logits}
     logits["expected"] = {k: _num(v) for k, v in result.logits["expected"].items() if k in LOGIT_KEYS}
+    logits["expected"]["mean_kld_draws"] = [_num(x) for x in result.logits["expected"].get("mean_kld_draws", [])]
     logits["limit_mean_kld"] = _num(result.logits.get("limit_mean_kld"))
     logits["ok"] = bool(result.logits.get("ok", False))
     ids = b"".join(s.long().numpy().astype("<i8").tobytes() for s in tokens.sequences)
     return {
         "nvq_version": __version__,
         "verdict": result.verdict,
+        "level": result.level,
         "first_divergence": result.first_divergence,
         "logits": logits,
         "taps": [
             {"name": t.name, "layer": t.layer, "rel_l2": _num(t.rel_l2), "cosine": _num(t.cosine),
-             "max_abs": _num(t.max_abs), "expected_rel_l2": _num(t.expected_rel_l2), "limit": _num(t.limit),
-             "ok": t.ok}
+             "max_abs": _num(t.max_abs), "expected_rel_l2": _num(t.expected_rel_l2),
+             "expected_sd": _num(t.expected_sd), "limit": _num(t.limit), "ok": t.ok}
             for t in result.taps
         ],
         "weights": [
-            {"name": w.name, "layer": w.layer, "scheme": w.scheme, "rel_l2": _num(w.rel_l2),
-             "expected_rel_l2": _num(w.expected_rel_l2), "limit": _num(w.limit), "ok": w.ok,
-             **({"hint": w.hint} if w.hint else {})}
+            {"name": w.name, "layer": w.layer, "scheme": w.scheme, "oracle_type": w.oracle_type,
+             "rel_l2": _num(w.rel_l2), "expected_rel_l2": _num(w.expected_rel_l2), "limit": _num(w.limit),
+             "ok": w.ok, "bit_exact": w.bit_exact,
+             **({"where": w.where} if w.where else {}), **({"hint": w.hint} if w.hint else {})}
             for w in result.weights
         ],
         "config": [
@@ -77,7 +80,8 @@ def build(result) -> dict:
         "inputs": {
             "candidate": {"path": str(c.path), "format": c.format, "architecture": c.arch.model_type,
                           "files": file_hashes(c.path)},
-            "oracle": {"path": str(o.path), "sha256": sha256_file(o.path)},
+            "oracle": {"path": str(o.path), "sha256": sha256_file(o.path), "storage": o.exactness,
+                       "exact": not o.cells, "noise_draws": result.draws},
             "tokens": {"source": tokens.source, "count": tokens.count,
                        "sequences": [int(s.numel()) for s in tokens.sequences],
                        "sha256": hashlib.sha256(ids).hexdigest()},
@@ -111,6 +115,14 @@ def _g(x, digits: int = 3) -> str:
     return str(x)
 
 
+def oracle_exactness(oracle: dict) -> str:
+    """How exact the oracle is: its storage types, and what the band was drawn from."""
+    types = ", ".join(f"{n} {k}" for k, n in oracle.get("storage", {}).items())
+    if oracle.get("exact"):
+        return f"exact ({types}): one nominal expected-noise draw"
+    return f"lossy ({types}): {oracle.get('noise_draws')} expected-noise draws within its rounding cells"
+
+
 def divergence_line(cert: dict) -> str:
     fd = cert["first_divergence"]
     if fd is None:
@@ -124,10 +136,11 @@ def divergence_line(cert: dict) -> str:
 def to_markdown(cert: dict) -> str:
     inp, lg = cert["inputs"], cert["logits"]
     lines = [
-        f"# nvq verify: {cert['verdict'].upper()}",
+        f"# nvq verify: {cert['verdict'].upper()} ({cert['level']})",
         "",
         f"- candidate: `{inp['candidate']['path']}` ({inp['candidate']['format']}, {inp['candidate']['architecture']})",
-        f"- oracle: `{inp['oracle']['path']}` (sha256 `{inp['oracle']['sha256']}`)",
+        f"- oracle: `{inp['oracle']['path']}` (sha256 `{inp['oracle']['sha256']}`), "
+        f"{oracle_exactness(inp['oracle'])}",
         f"- tokens: {inp['tokens']['count']} from {inp['tokens']['source']}; mode {cert['mode']}; "
         f"device {cert['device']}; nvq {cert['nvq_version']}",
         f"- thresholds: {', '.join(f'{k} {v:g}' for k, v in cert['thresholds'].items())}",
@@ -144,10 +157,12 @@ def to_markdown(cert: dict) -> str:
     for t in cert["taps"]:
         lines.append(f"| {t['name']} | {_g(t['rel_l2'])} | {_g(t['expected_rel_l2'])} | {_g(t['limit'])} | "
                      f"{_g(t['cosine'], 7)} | {_g(t['max_abs'])} | {_g(t['ok'])} |")
-    lines += ["", "## Weights", "", "| weight | scheme | rel-L2 | expected | limit | ok | hint |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Weights", "", "| weight | scheme | oracle | rel-L2 | expected | limit | ok | where | hint |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for w in cert["weights"]:
-        lines.append(f"| {w['name']} | {w['scheme'] or '—'} | {_g(w['rel_l2'])} | {_g(w['expected_rel_l2'])} | "
-                     f"{_g(w['limit'])} | {_g(w['ok'])} | {w.get('hint', '')} |")
+        ok = "bit-exact" if w.get("bit_exact") else _g(w["ok"])
+        lines.append(f"| {w['name']} | {w['scheme'] or '—'} | {w.get('oracle_type') or '—'} | {_g(w['rel_l2'])} | "
+                     f"{_g(w['expected_rel_l2'])} | {_g(w['limit'])} | {ok} | {w.get('where', '')} | {w.get('hint', '')} |")
     if cert.get("config"):
         lines += ["", "## Config", ""] + [f"- **{d['field']}**: {d['hint']}" for d in cert["config"]]
     if cert.get("notes"):
@@ -163,6 +178,8 @@ def to_junit(cert: dict) -> str:
         cases.append(("nvq.verify.taps", t["name"], t["ok"], msg))
     for w in cert["weights"]:
         msg = f"rel-L2 {_g(w['rel_l2'])} > limit {_g(w['limit'])} (expected {_g(w['expected_rel_l2'])})"
+        if w.get("where"):
+            msg += f" at {w['where']}"
         if w.get("hint"):
             msg += f": {w['hint']}"
         cases.append(("nvq.verify.weights", w["name"], w["ok"], msg))

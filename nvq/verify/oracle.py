@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from nvq.errors import ConfigError, NvqError
-from nvq.io.gguf_model import load_canonical
+from nvq.io.gguf_cells import Cells
+from nvq.io.gguf_model import load_canonical_with_cells
 from nvq.io.hf import HFConfig
 from nvq.io.tokenizer import load_tokenizer
 from nvq.models import for_config
@@ -52,6 +53,17 @@ class Oracle:
     config_differences: list[dict]  # [{field, layer, candidate, oracle, structural}], parsed configs
     arch_config: Any = None  # the GGUF's own parsed config (None if it does not parse)
     ignored: list[str] = dataclasses.field(default_factory=list)  # tensors the model never reads
+    storage: dict[str, str] = dataclasses.field(default_factory=dict)  # canonical name -> ggml type
+    cells: dict[str, Cells] = dataclasses.field(default_factory=dict)  # rounding cells of lossy tensors
+
+    @property
+    def exactness(self) -> dict[str, int]:
+        """How many compared tensors the GGUF stores in each type (the oracle's own noise)."""
+        counts: dict[str, int] = {}
+        for name in self.tensors:
+            kind = self.storage.get(name, "F32")
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def structural_differences(self) -> list[dict]:
@@ -64,7 +76,8 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"oracle {path} does not exist or is not a file; --oracle takes a .gguf file.")
-    arch_name, config, tensors = load_canonical(path)
+    gguf = load_canonical_with_cells(path)
+    arch_name, config, tensors = gguf.arch_name, gguf.config, gguf.tensors
     if arch_name != candidate.arch.name:
         raise ConfigError(
             f"oracle {path} is a {arch_name} model but the candidate {candidate.path} is "
@@ -95,7 +108,8 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
     table, arch_config = candidate.arch.table, theirs or candidate.arch.config
     ignored = sorted(n for n in tensors if table.drop_reason(n, arch_config))
     tensors = {n: t for n, t in tensors.items() if n not in ignored}
-    return Oracle(path, arch_name, config, tensors, diffs, theirs, ignored)
+    cells = {n: c for n, c in gguf.cells.items() if n in tensors}
+    return Oracle(path, arch_name, config, tensors, diffs, theirs, ignored, gguf.storage, cells)
 
 
 def config_differences(ours, theirs) -> list[dict]:

@@ -9,6 +9,7 @@ layer (nvq.verify.taps), so each layer's error is its own.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -27,15 +28,18 @@ from nvq.verify.diff import (
     Thresholds,
     WeightDiff,
     diff_taps,
-    diff_weights,
-    expected_weights,
+    diff_weight,
     first_divergence,
     logit_stats,
+    weight_noise,
+    weight_order,
 )
+from nvq.verify.noise import DEFAULT_DRAWS, draws_needed
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
 from nvq.verify.taps import ForwardRun, run_forward
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+FACTORS = ("weight_factor", "tap_factor", "kld_factor")  # what --factor X sets
 
 
 @dataclass
@@ -54,6 +58,15 @@ class VerifyResult:
     candidate_error: str | None = None  # the candidate's forward could not run
     notes: list[str] = field(default_factory=list)
     precision: str = "fp32"  # of the reference forwards
+    draws: int = 0  # dithered expected-noise draws (0: the oracle is exact, one nominal draw)
+
+    @property
+    def level(self) -> str:
+        """How strongly the candidate is certified: "bit-exact" when every compared tensor equals
+        nvq's own storage of the oracle's values, else "within band" (or "fail")."""
+        if not self.passed:
+            return "fail"
+        return "bit-exact" if self.weights and all(w.bit_exact for w in self.weights) else "within band"
 
     @property
     def passed(self) -> bool:
@@ -85,10 +98,10 @@ def load_thresholds(recipe: str | Path | None = None, factor: float | None = Non
         except (TypeError, ValueError):
             raise RecipeError(f"recipe {recipe}: verify thresholds must be numbers.") from None
     if factor is not None:
-        th = replace(th, factor=float(factor))
+        th = replace(th, **{k: float(factor) for k in FACTORS})
     bad = [k for k, v in th.as_dict().items() if not v >= 0]
-    if bad or th.factor < 1:
-        raise RecipeError(f"thresholds must be ≥ 0 and factor ≥ 1; got {th.as_dict()}.")
+    if bad or any(getattr(th, k) < 1 for k in FACTORS):
+        raise RecipeError(f"thresholds must be ≥ 0 and every factor ≥ 1; got {th.as_dict()}.")
     return th
 
 
@@ -122,6 +135,7 @@ def verify(
     thresholds: Thresholds | None = None,
     teacher_forced: bool = False,
     precision: str = "fp32",
+    draws: int = DEFAULT_DRAWS,
 ) -> VerifyResult:
     started = time.perf_counter()
     if precision not in PRECISIONS:
@@ -147,15 +161,23 @@ def verify(
             f"the oracle {orc.path} does not run under the candidate's config ({_one_line(e)}); "
             f"config differences: {orc.config_differences or 'none found'}."
         ) from None
-    expected = expected_weights(orc.tensors, cand.schemes)
+    groups = getattr(cand, "group_index", {})
+    n_draws = draws_needed(orc.cells, draws)
+    noise = {n: weight_noise(n, w, cand.schemes.get(n), orc.cells.get(n), n_draws, groups.get(n))
+             for n, w in orc.tensors.items()}
+    # With a lossy oracle the band comes from the dithered draws; else from the nominal one.
+    expected = [{n: (x.draws[k] if x.draws else x.nominal) for n, x in noise.items()}
+                for k in range(max(n_draws, 1))]
     force = o_run if teacher_forced else None
-    e_run = run_forward(o_arch, expected, seqs, dev, force=force, dtype=dtype)
+    e_runs = [run_forward(o_arch, e, seqs, dev, force=force, dtype=dtype) for e in expected]
     c_run, error = _try_forward(arch, cand.tensors, seqs, dev, force, dtype)
     # Logit statistics always describe the model as it runs (free-running), in both modes.
-    e_free = run_forward(o_arch, expected, seqs, dev, dtype=dtype) if teacher_forced else e_run
+    e_free = [run_forward(o_arch, e, seqs, dev, dtype=dtype) for e in expected] if teacher_forced else e_runs
+    del expected
     c_free = _try_forward(arch, cand.tensors, seqs, dev, None, dtype)[0] if teacher_forced and c_run else c_run
-    taps = diff_taps(o_run, c_run, e_run, th) if c_run is not None else []
-    weights = diff_weights(cand.tensors, orc.tensors, expected, cand.schemes, th)
+    taps = diff_taps(o_run, c_run, e_runs, th) if c_run is not None else []
+    weights = [diff_weight(n, cand.tensors.get(n), orc.tensors[n], noise.pop(n), cand.schemes.get(n), th,
+                           orc.tensors, orc.storage.get(n)) for n in weight_order(orc.tensors)]
     logits = _logits(o_run, c_free, e_free, seqs, th)
     order = [n for n, t in o_run.taps.items() if t.is_floating_point()]
     first = first_divergence(taps, weights, order, logits.get("ok", True), structural)
@@ -167,7 +189,7 @@ def verify(
               f"candidate's value is used; the GGUF may not carry it)" for d in orc.config_differences if not d["structural"]]
     return VerifyResult(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
-        time.perf_counter() - started, error, notes, precision,
+        time.perf_counter() - started, error, notes, precision, n_draws,
     )
 
 
@@ -179,12 +201,15 @@ def _try_forward(arch, tensors, seqs, dev, force, dtype) -> tuple[ForwardRun | N
         return None, _one_line(e)
 
 
-def _logits(o_run, c_run, e_run, seqs, th: Thresholds) -> dict:
-    expected = logit_stats(o_run.logits, e_run.logits, seqs)
+def _logits(o_run, c_run, e_runs, seqs, th: Thresholds) -> dict:
+    draws = [logit_stats(o_run.logits, e.logits, seqs) for e in e_runs]
+    expected = {k: statistics.fmean(d[k] for d in draws) if isinstance(draws[0][k], float) else draws[0][k]
+                for k in draws[0]}
+    expected["mean_kld_draws"] = [d["mean_kld"] for d in draws]
     if c_run is None:
         return {"ok": False, "expected": expected}
     stats = logit_stats(o_run.logits, c_run.logits, seqs)
-    limit = th.kld_limit(expected["mean_kld"])
+    limit = th.kld_limit(expected["mean_kld_draws"])
     return {**stats, "expected": expected, "limit_mean_kld": limit, "ok": stats["mean_kld"] <= limit}
 
 

@@ -100,14 +100,18 @@ def test_token_ids(tiny_llama, tmp_path):
 
 
 def test_thresholds_from_recipe_and_flag(tmp_path):
-    assert load_thresholds().factor == 2.0
+    assert load_thresholds().weight_factor == 1.25
     r = tmp_path / "r.yaml"
-    r.write_text("verify: {factor: 4, kld_floor: 0.001}\n")
+    r.write_text("verify: {tap_factor: 4, kld_floor: 0.001}\n")
+    assert load_thresholds(r).tap_factor == 4.0
     th = load_thresholds(r, factor=3)
-    assert (th.factor, th.kld_floor, th.tap_floor) == (3.0, 0.001, 1e-4)
+    assert (th.weight_factor, th.tap_factor, th.kld_factor, th.kld_floor, th.tap_floor) == (3.0, 3.0, 3.0, 0.001, 1e-4)
+    r.write_text("verify: {weight_factor: 0.5}\n")
+    with pytest.raises(RecipeError, match="every factor ≥ 1"):
+        load_thresholds(r)
     r.write_text("verify: {fudge: 1}\n")
     with pytest.raises(RecipeError, match="fudge"):
         load_thresholds(r)
     with pytest.raises(RecipeError, match="neither a file nor a preset"):
         load_thresholds(tmp_path / "missing.yaml")
-    assert load_thresholds("default").factor == 2.0
+    assert load_thresholds("default").kld_factor == 2.0

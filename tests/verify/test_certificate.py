@@ -15,6 +15,7 @@ from nvq.verify import certificate
 CERT = {
     "nvq_version": "0.1.0",
     "verdict": "fail",
+    "level": "fail",
     "first_divergence": {"tap": "ffn_norm-1", "layer": 1, "tensor": "blk.1.ffn_norm.weight", "hint": "norm missing"},
     "logits": {"mean_kld": 0.02, "kld_p99": 0.1, "top1_agreement": 0.9, "rms_dp": 0.01, "expected": {"mean_kld": 0.0},
                "limit_mean_kld": 1e-5, "ok": False},
@@ -31,7 +32,8 @@ CERT = {
          "limit": 0.2, "ok": True},
     ],
     "inputs": {"candidate": {"path": "/c", "format": "dense", "architecture": "llama", "files": {}},
-               "oracle": {"path": "/o.gguf", "sha256": "0" * 64},
+               "oracle": {"path": "/o.gguf", "sha256": "0" * 64, "storage": {"Q8_0": 2},
+                          "exact": False, "noise_draws": 2},
                "tokens": {"source": "--tokens 8", "count": 8, "sequences": [8], "sha256": "1" * 64}},
     "thresholds": {"factor": 2.0, "tap_floor": 1e-4, "weight_floor": 1e-6, "kld_floor": 1e-5},
     "mode": "free-running", "device": "cpu", "seconds": 0.5, "candidate_error": None, "notes": ["a note"],

@@ -1,4 +1,4 @@
-"""Metrics, the expected-noise model, hints and first divergence, on synthetic tensors."""
+"""Metrics, the expected-noise model, bands, hints and first divergence, on synthetic tensors."""
 
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ import torch
 
 from nvq.formats import nvfp4
 from nvq.verify.candidate import Scheme
+from nvq.verify.damage import LocalDamage
 from nvq.verify.diff import (
     TapDiff,
     Thresholds,
     WeightDiff,
-    apply_scheme,
-    cosine,
     diff_weights,
     entry_tap,
-    expected_weights,
     first_divergence,
     logit_stats,
-    rel_l2,
-    weight_hint,
 )
+from nvq.verify.hints import Evidence, weight_hint
+from nvq.verify.metrics import cosine, rel_l2
+from nvq.verify.noise import apply_scheme, expected_weights
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -101,26 +100,27 @@ def test_weight_hints(make, expected):
     norm = expected == "norm missing or replaced by ones"
     ref = randn(64) + 1 if norm else randn(64, 64)
     name = "blk.3.attn_norm.weight" if norm else "blk.3.attn_q.weight"
-    assert expected in weight_hint(name, make(ref), ref, TH, TH.weight_limit(0.0))
+    assert expected in weight_hint(Evidence(name, make(ref), ref, TH.weight_limit([0.0]), {name: ref}, LocalDamage()))
 
 
 def test_constant_factor_names_the_expert():
     ref = randn(4, 16, 32)
     got = ref.clone()
     got[2] *= 9.0
-    assert "expert 2" in weight_hint("blk.0.ffn_down_exps.weight", got, ref, TH, TH.weight_limit(0.0))
+    name = "blk.0.ffn_down_exps.weight"
+    assert "expert 2" in weight_hint(Evidence(name, got, ref, TH.weight_limit([0.0]), {name: ref}, LocalDamage()))
 
 
 def test_diff_weights_missing_shape_and_band():
     oracle = {"blk.0.attn_v.weight": randn(8, 32), "blk.0.ffn_up.weight": randn(8, 32), "blk.1.attn_norm.weight": randn(32)}
     cand = {"blk.0.attn_v.weight": oracle["blk.0.attn_v.weight"][:, :16], "blk.0.ffn_up.weight": oracle["blk.0.ffn_up.weight"] * 1.0001}
     schemes = {n: Scheme("f32") for n in cand}
-    got = {w.name: w for w in diff_weights(cand, oracle, oracle, schemes, TH)}
+    got = {w.name: w for w in diff_weights(cand, oracle, schemes, TH)}
     assert not got["blk.0.attn_v.weight"].ok and "K read as the packed width" in got["blk.0.attn_v.weight"].hint
     assert not got["blk.1.attn_norm.weight"].ok and got["blk.1.attn_norm.weight"].hint == "missing from the candidate"
     assert not got["blk.0.ffn_up.weight"].ok  # 1e-4 > the 1e-6 floor when nothing is expected
     loose = Thresholds(weight_floor=1e-3)
-    assert {w.name: w for w in diff_weights(cand, oracle, oracle, schemes, loose)}["blk.0.ffn_up.weight"].ok
+    assert {w.name: w for w in diff_weights(cand, oracle, schemes, loose)}["blk.0.ffn_up.weight"].ok
 
 
 def tap(name, err, limit=1e-4, layer=None):
@@ -151,7 +151,8 @@ def test_first_divergence_takes_the_earliest_of_taps_and_weights():
         WeightDiff("blk.1.ffn_up.weight", 1, "nvfp4", 0.31, 0.1, 0.3, False, "x"),
     ]
     fd = first_divergence(taps, weights, ORDER)
-    assert fd == {"tap": "ffn_norm-1", "layer": 1, "tensor": "blk.1.ffn_norm.weight", "hint": "norm missing"}
+    assert fd == {"tap": "ffn_norm-1", "layer": 1, "tensor": "blk.1.ffn_norm.weight", "where": None,
+                  "hint": "norm missing"}
     # no candidate taps at all (its forward failed): the oracle's order still places the weight
     assert first_divergence([], weights[1:], ORDER)["tap"] == "ffn_out-1"
     assert first_divergence(taps[:1], [], ORDER[:1], logits_ok=False)["tap"] == "result_output"

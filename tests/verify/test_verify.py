@@ -54,7 +54,7 @@ def check_minimum_fields(cert, candidate, oracle):
     assert set(files) >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert all(len(h) == 64 for h in files.values())
     assert cert["inputs"]["oracle"]["path"] == str(oracle) and len(cert["inputs"]["oracle"]["sha256"]) == 64
-    assert set(cert["thresholds"]) >= {"factor", "tap_floor", "weight_floor"}
+    assert set(cert["thresholds"]) >= {"weight_factor", "tap_factor", "kld_factor", "tap_floor", "weight_floor"}
     names = [t["name"] for t in cert["taps"]]
     assert names.index("l_out-0") < names.index("attn_norm-1") < names.index("result_output")
     if cert["verdict"] == "pass":
@@ -126,11 +126,13 @@ def test_modelopt_nvfp4_candidate_passes(gemma4_moe_f32, tiny_gguf, quantized, t
 
 def test_recipe_and_factor_set_the_thresholds(llama_f32, tiny_gguf, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("rules: []\nverify:\n  factor: 3\n  tap_floor: 0.001\n")
+    recipe.write_text("rules: []\nverify:\n  tap_factor: 3\n  tap_floor: 0.001\n")
     cert, _ = certify(tmp_path, llama_f32, tiny_gguf(llama_f32, "f32"), "--recipe", recipe)
-    assert cert["thresholds"] == {"factor": 3.0, "tap_floor": 0.001, "weight_floor": 1e-6, "kld_floor": 1e-5}
+    assert cert["thresholds"] == {"weight_factor": 1.25, "tap_factor": 3.0, "kld_factor": 2.0, "z": 3.0,
+                                  "tap_floor": 0.001, "weight_floor": 1e-6, "kld_floor": 1e-5}
     cert, _ = certify(tmp_path, llama_f32, tiny_gguf(llama_f32, "f32"), "--recipe", recipe, "--factor", "1.5")
-    assert cert["thresholds"]["factor"] == 1.5 and cert["taps"][-1]["limit"] == pytest.approx(0.001)
+    assert cert["thresholds"]["tap_factor"] == 1.5 and cert["thresholds"]["weight_factor"] == 1.5
+    assert cert["taps"][-1]["limit"] == pytest.approx(0.001)
 
 
 def test_fp64_reference_forwards_agree_to_fp64_noise(llama_f32, tiny_gguf, tmp_path):

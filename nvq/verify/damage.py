@@ -1,0 +1,106 @@
+"""Local damage: per-row and per-expert error, so that one bad row or one bad expert is not diluted
+by the rest of a large tensor.
+
+A weight is viewed as rows of its input dimension ([experts·N, K] for an expert stack). Per row,
+the candidate's squared error d_r = ‖C_r − O_r‖² is compared with the expected one e_r (the mean
+over the noise draws). A row's error ratio √(d_r / e_r) of a correct candidate scatters around 1 by
+about √(2/K) (sums of K roughly independent squared errors), so a row fails above
+
+    factor · √(1 + z_rows · √(2 / K))
+
+(`row_limit`); an expert is judged the same way on all its rows (N·K elements). Rows where nothing
+is expected (exact oracle, dense candidate) fail on any difference above the floor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+Z_ROWS = 4.0  # spread allowance; measured row ratios of clean NVFP4 candidates stay under 1 + 2.3·√(2/K)
+
+
+@dataclass
+class LocalDamage:
+    """Where in a tensor the candidate leaves its band: rows (flat row index of the 2-D view),
+    and experts for 3-D stacks."""
+
+    rows: list[int] = field(default_factory=list)
+    experts: list[int] = field(default_factory=list)
+    rows_total: int = 0
+    worst_row: int | None = None
+    worst_row_ratio: float = 0.0
+    worst_expert: int | None = None
+    worst_expert_ratio: float = 0.0
+
+    @property
+    def found(self) -> bool:
+        return bool(self.rows or self.experts)
+
+    def describe(self, rows_per_expert: int | None = None) -> str:
+        parts = []
+        if self.experts:
+            parts.append(f"expert{'s' if len(self.experts) > 1 else ''} {_ranges(self.experts)}")
+        if self.rows and not self.experts:
+            rows = self.rows
+            if rows_per_expert:
+                by_expert = sorted({r // rows_per_expert for r in rows})
+                parts.append(f"rows {_ranges([r % rows_per_expert for r in rows])} of expert{'s' if len(by_expert) > 1 else ''} {_ranges(by_expert)}")
+            else:
+                parts.append(f"row{'s' if len(rows) > 1 else ''} {_ranges(rows)} of {self.rows_total}")
+        return ", ".join(parts)
+
+
+def row_limit(factor: float, k: int) -> float:
+    return factor * math.sqrt(1.0 + Z_ROWS * math.sqrt(2.0 / max(k, 1)))
+
+
+def local_damage(
+    candidate: torch.Tensor,
+    oracle: torch.Tensor,
+    expected_sq_rows: torch.Tensor,
+    factor: float,
+    floor: float,
+) -> LocalDamage:
+    """Rows and experts of `candidate` whose error exceeds their band. `expected_sq_rows` is the
+    mean over draws of ‖E_r − O_r‖² per row of the 2-D view; `floor` is a rel-L2 floor."""
+    if oracle.dim() < 2 or oracle.numel() == 0:
+        return LocalDamage()
+    k = oracle.shape[-1]
+    c, o = candidate.double().reshape(-1, k), oracle.double().reshape(-1, k)
+    d = (c - o).pow(2).sum(-1)
+    ref = o.pow(2).sum(-1)
+    e = expected_sq_rows.double().reshape(-1)
+    scale = ref.mean().clamp(min=1e-300)  # a row of zeros gets the floor of an average row
+    allowed = row_limit(factor, k) ** 2 * e + floor**2 * torch.maximum(ref, scale)
+    bad = torch.nonzero(d > allowed).flatten().tolist()
+    ratio = (d / (e + floor**2 * torch.maximum(ref, scale))).sqrt()
+    out = LocalDamage(rows=bad, rows_total=int(o.shape[0]))
+    if ratio.numel():
+        out.worst_row = int(ratio.argmax())
+        out.worst_row_ratio = float(ratio.max())
+    if oracle.dim() == 3:
+        n_exp = oracle.shape[0]
+        de, ee, re_ = d.reshape(n_exp, -1).sum(-1), e.reshape(n_exp, -1).sum(-1), ref.reshape(n_exp, -1).sum(-1)
+        per = oracle.shape[1] * k
+        allowed_e = row_limit(factor, per) ** 2 * ee + floor**2 * torch.maximum(re_, scale * oracle.shape[1])
+        out.experts = torch.nonzero(de > allowed_e).flatten().tolist()
+        ratio_e = (de / (ee + floor**2 * torch.maximum(re_, scale * oracle.shape[1]))).sqrt()
+        out.worst_expert = int(ratio_e.argmax())
+        out.worst_expert_ratio = float(ratio_e.max())
+    return out
+
+
+def _ranges(xs: list[int], shown: int = 6) -> str:
+    xs = sorted(set(xs))
+    spans, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            spans.append(str(start) if start == x else f"{start}–{x}")
+            start = None
+    text = ", ".join(spans[:shown])
+    return text + (f" and {len(spans) - shown} more" if len(spans) > shown else "")
