@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from nvq.io.gguf_cells import Cells
 from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage, local_damage
 from nvq.verify.hints import Evidence, weight_hint
@@ -239,21 +238,6 @@ def diff_weight(
     return WeightDiff(name, layer, label, err, mean_exp, limit, ok, hint, oracle_type, exact, where)
 
 
-def weight_noise(
-    name: str,
-    ref: torch.Tensor,
-    scheme: Scheme | None,
-    cells: Cells | None,
-    draws: int,
-    groups: torch.Tensor | None = None,
-) -> WeightNoise:
-    from nvq.verify.noise import expected_tensor
-
-    nominal = expected_tensor(name, ref, scheme, None, 0, groups)
-    dithered = [expected_tensor(name, ref, scheme, cells, k, groups) for k in range(1, draws + 1)] if cells is not None else []
-    return WeightNoise(nominal, dithered)
-
-
 def weight_order(names) -> list[str]:
     """Global tensors first, then blocks in layer order."""
     return sorted(names, key=lambda n: (weight_layer(n) is not None, weight_layer(n) or 0, n))
@@ -264,18 +248,22 @@ def diff_weights(
     oracle: Mapping[str, torch.Tensor],
     schemes: Mapping[str, Scheme],
     th: Thresholds,
-    cells: Mapping[str, Cells] | None = None,
-    draws: int = 0,
+    nominal: Mapping[str, torch.Tensor] | None = None,
+    draws: Sequence[Mapping[str, torch.Tensor]] = (),
     storage: Mapping[str, str] | None = None,
-    groups: Mapping[str, torch.Tensor] | None = None,
 ) -> list[WeightDiff]:
-    """Every oracle tensor against the candidate's, in layer order."""
-    cells, storage, groups = cells or {}, storage or {}, groups or {}
+    """Every oracle tensor against the candidate's, in layer order. `nominal`: the candidate's
+    schemes applied to the oracle's own values (`nvq.verify.noise.expected_draw` draw 0);
+    `draws`: the dithered draws (none for an exact oracle)."""
+    from nvq.verify.noise import expected_draw
+
+    nominal = nominal if nominal is not None else expected_draw(oracle, schemes, {}, 0)
+    storage = storage or {}
     out = []
     for name in weight_order(oracle):
-        s = schemes.get(name)
-        noise = weight_noise(name, oracle[name], s, cells.get(name), draws, groups.get(name))
-        out.append(diff_weight(name, candidate.get(name), oracle[name], noise, s, th, oracle, storage.get(name)))
+        noise = WeightNoise(nominal[name], [d[name] for d in draws])
+        out.append(diff_weight(name, candidate.get(name), oracle[name], noise, schemes.get(name), th, oracle,
+                               storage.get(name)))
     return out
 
 

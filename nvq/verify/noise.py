@@ -28,16 +28,18 @@ from nvq.verify.candidate import Scheme
 DEFAULT_DRAWS = 2
 
 
-def _nvfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None) -> torch.Tensor:
-    q = nvfp4.quantize(w, profile=nvfp4.Profile(scheme.profile or "ct"))
-    return nvfp4.dequantize(q, torch.float32)
+def _nvfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
+    profile = nvfp4.Profile(scheme.profile or "ct")
+    if g is not None and profile is nvfp4.Profile.MODELOPT:
+        return nvfp4.dequantize(nvfp4.quantize(w, profile=profile, weight_scale_2=1.0 / g), torch.float32)
+    return nvfp4.dequantize(nvfp4.quantize(w, g, profile=profile), torch.float32)
 
 
-def _mxfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None) -> torch.Tensor:
+def _mxfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
     return mxfp4.dequantize(mxfp4.quantize(w), torch.float32)
 
 
-def _gptq_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None) -> torch.Tensor:
+def _gptq_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
     # Round-to-nearest with the candidate's own groups: GPTQ trades a weight error of about this
     # size for a smaller output error, so RTN is the expected band for both.
     if groups is not None:
@@ -45,12 +47,17 @@ def _gptq_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None) -> to
     return int4.dequantize(int4.quantize(w, scheme.group_size or -1), torch.float32)
 
 
-# scheme name -> what storing an fp32 [N, K] block in it does to the values
+def _dense(dtype: torch.dtype):
+    return lambda w, s, groups, g: w.to(dtype).float()
+
+
+# scheme name -> what storing a [N, K] block in it does to the values (g: a fusion group's shared
+# NVFP4 global scale, else the block's own)
 STORE = {
-    "f32": lambda w, s, g: w,
-    "f64": lambda w, s, g: w,
-    "bf16": lambda w, s, g: w.to(torch.bfloat16).float(),
-    "f16": lambda w, s, g: w.to(torch.float16).float(),
+    "f32": _dense(torch.float32),
+    "f64": _dense(torch.float64),
+    "bf16": _dense(torch.bfloat16),
+    "f16": _dense(torch.float16),
     "nvfp4": _nvfp4_2d,
     "mxfp4": _mxfp4_2d,
     "gptq": _gptq_2d,
@@ -66,22 +73,26 @@ def fits(w: torch.Tensor, s: Scheme) -> bool:
     return w.dim() >= 2 and (block is None or w.shape[-1] % block == 0) and w.shape[-2] % s.row_parts == 0
 
 
-def apply_scheme(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """w as the candidate's scheme would store it. Quantized formats work per 2-D block with the
-    block's own tensor scale: per expert, and per gate/up half of a fused gate_up stack. `groups`:
-    the candidate's g_idx ([K], or [E, K] for an expert stack) where it is not k // G."""
+def apply_scheme(
+    w: torch.Tensor,
+    scheme: Scheme,
+    groups: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """w as the candidate's scheme would store it. Quantized formats work per 2-D block: per
+    expert of a stack, whose gate and up rows share the expert's NVFP4 global scale as nvq and
+    llm-compressor write them. `groups`: the candidate's g_idx ([K], or [E, K] for an expert
+    stack) where it is not k // G; `global_scale`: a fusion group's shared NVFP4 divisor."""
     fn = STORE[scheme.name]
-    w = w.float()
-    if not scheme.quantized or not fits(w, scheme):
-        return fn(w, scheme, None) if not scheme.quantized else w
-    if w.dim() == 2 and scheme.row_parts == 1:
-        return fn(w, scheme, groups)
+    if not scheme.quantized:
+        return fn(w, scheme, None, None)
+    if not fits(w, scheme):
+        return w.float()
+    if w.dim() == 2:
+        return fn(w, scheme, groups, global_scale)
     mats = w.reshape(-1, *w.shape[-2:])
     per_expert = groups.reshape(-1, groups.shape[-1]) if groups is not None and groups.dim() == 2 else None
-    out = []
-    for e, m in enumerate(mats):
-        g = per_expert[e] if per_expert is not None else groups
-        out.append(torch.cat([fn(p, scheme, g) for p in m.chunk(scheme.row_parts)]))
+    out = [fn(m, scheme, per_expert[e] if per_expert is not None else groups, None) for e, m in enumerate(mats)]
     return torch.stack(out).reshape(w.shape)
 
 
@@ -94,35 +105,62 @@ def draw_seed(name: str, draw: int, seed: int = 0) -> int:
     return zlib.crc32(f"{seed}:{draw}:{name}".encode())
 
 
-def expected_tensor(
-    name: str,
-    oracle: torch.Tensor,
-    scheme: Scheme | None,
-    cells: Cells | None,
-    draw: int,
-    groups: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Draw `draw` of the expected candidate tensor. Draw 0 is nominal: no dither, s_c(O)."""
+def original_draw(name: str, oracle: torch.Tensor, cells: Cells | None, draw: int, dtype: torch.dtype) -> torch.Tensor:
+    """Draw `draw` of the original behind an oracle tensor, in the candidate's source dtype.
+    Draw 0 is nominal: the oracle's values themselves."""
     w = oracle.float()
     if draw > 0 and cells is not None:
         w = plausible_original(w, cells, torch.Generator().manual_seed(draw_seed(name, draw)))
-    return apply_scheme(w, scheme, groups) if scheme is not None else w
+    return w.to(dtype)
 
 
-def expected_weights(
+def expected_draw(
     oracle: Mapping[str, torch.Tensor],
     schemes: Mapping[str, Scheme],
-    cells: Mapping[str, Cells] | None = None,
-    draw: int = 0,
+    cells: Mapping[str, Cells],
+    draw: int,
+    dtype: torch.dtype = torch.float32,
+    fusion: Mapping[str, str] | None = None,
     groups: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every oracle tensor as draw `draw` of the expected candidate (tensors the candidate lacks
-    are stored as the oracle stores them: dithered within their cells, or as they are)."""
-    cells, groups = cells or {}, groups or {}
-    return {
-        name: expected_tensor(name, w, schemes.get(name), cells.get(name), draw, groups.get(name))
-        for name, w in oracle.items()
-    }
+    """Draw `draw` of the expected candidate, every tensor. Originals are drawn in the candidate's
+    source `dtype` (what nvq quantized from); fusion-group members (`fusion`: name -> group key)
+    share one NVFP4 global scale from the group's amax, as nvq convert writes them. Tensors the
+    candidate lacks stay plausible originals."""
+    fusion, groups = fusion or {}, groups or {}
+    originals = {n: original_draw(n, w, cells.get(n), draw, dtype) for n, w in oracle.items()}
+    shared = _fusion_scales(originals, schemes, fusion, dtype)
+    out = {}
+    for n, w in originals.items():
+        s = schemes.get(n)
+        out[n] = apply_scheme(w, s, groups.get(n), shared.get(fusion.get(n))) if s is not None else w.float()
+    return out
+
+
+def _fusion_scales(originals, schemes, fusion, dtype) -> dict[str, torch.Tensor]:
+    amax: dict[str, torch.Tensor] = {}
+    for n, key in fusion.items():
+        s = schemes.get(n)
+        if n in originals and s is not None and s.name == "nvfp4" and fits(originals[n], s):
+            a = originals[n].abs().amax()
+            amax[key] = a if key not in amax else torch.maximum(amax[key], a)
+    return {k: nvfp4.global_scale(a.to(dtype), dtype) for k, a in amax.items()}
+
+
+def fusion_groups(table, names) -> dict[str, str]:
+    """Canonical name -> fusion group key ("blk.3:qkv") for the names a name table fuses."""
+    import re
+
+    out = {}
+    for row in table.rows:
+        if not row.fuse:
+            continue
+        pattern = re.compile(re.escape(row.gguf).replace(re.escape("{bid}"), r"(?P<bid>\d+)"))
+        for n in names:
+            m = pattern.fullmatch(n)
+            if m:
+                out[n] = f"blk.{m['bid']}:{row.fuse}" if "bid" in m.groupdict() else row.fuse
+    return out
 
 
 def draws_needed(cells: Mapping[str, Cells], requested: int = DEFAULT_DRAWS) -> int:

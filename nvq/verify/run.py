@@ -28,13 +28,11 @@ from nvq.verify.diff import (
     Thresholds,
     WeightDiff,
     diff_taps,
-    diff_weight,
+    diff_weights,
     first_divergence,
     logit_stats,
-    weight_noise,
-    weight_order,
 )
-from nvq.verify.noise import DEFAULT_DRAWS, draws_needed
+from nvq.verify.noise import DEFAULT_DRAWS, draws_needed, expected_draw, fusion_groups
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
 from nvq.verify.taps import ForwardRun, run_forward
 
@@ -163,21 +161,25 @@ def verify(
         ) from None
     groups = getattr(cand, "group_index", {})
     n_draws = draws_needed(orc.cells, draws)
-    noise = {n: weight_noise(n, w, cand.schemes.get(n), orc.cells.get(n), n_draws, groups.get(n))
-             for n, w in orc.tensors.items()}
+    fusion = fusion_groups(cand.arch.table, orc.tensors)
+    source_dtype = _source_dtype(cand)
+
+    def draw(k: int) -> dict[str, torch.Tensor]:
+        return expected_draw(orc.tensors, cand.schemes, orc.cells, k, source_dtype, fusion, groups)
+
+    nominal = draw(0)
+    dithered = [draw(k) for k in range(1, n_draws + 1)]
     # With a lossy oracle the band comes from the dithered draws; else from the nominal one.
-    expected = [{n: (x.draws[k] if x.draws else x.nominal) for n, x in noise.items()}
-                for k in range(max(n_draws, 1))]
+    expected = dithered or [nominal]
     force = o_run if teacher_forced else None
     e_runs = [run_forward(o_arch, e, seqs, dev, force=force, dtype=dtype) for e in expected]
     c_run, error = _try_forward(arch, cand.tensors, seqs, dev, force, dtype)
     # Logit statistics always describe the model as it runs (free-running), in both modes.
     e_free = [run_forward(o_arch, e, seqs, dev, dtype=dtype) for e in expected] if teacher_forced else e_runs
-    del expected
     c_free = _try_forward(arch, cand.tensors, seqs, dev, None, dtype)[0] if teacher_forced and c_run else c_run
     taps = diff_taps(o_run, c_run, e_runs, th) if c_run is not None else []
-    weights = [diff_weight(n, cand.tensors.get(n), orc.tensors[n], noise.pop(n), cand.schemes.get(n), th,
-                           orc.tensors, orc.storage.get(n)) for n in weight_order(orc.tensors)]
+    weights = diff_weights(cand.tensors, orc.tensors, cand.schemes, th, nominal, dithered, orc.storage)
+    del nominal, dithered, expected
     logits = _logits(o_run, c_free, e_free, seqs, th)
     order = [n for n, t in o_run.taps.items() if t.is_floating_point()]
     first = first_divergence(taps, weights, order, logits.get("ok", True), structural)
@@ -191,6 +193,15 @@ def verify(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
         time.perf_counter() - started, error, notes, precision, n_draws,
     )
+
+
+def _source_dtype(cand: Candidate) -> torch.dtype:
+    """The dtype nvq quantized the candidate from: its dense tensors' (bf16 for most releases)."""
+    dense = {s.name for s in cand.schemes.values() if not s.quantized}
+    for name, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        if dense == {name}:
+            return dtype
+    return torch.float32
 
 
 def _try_forward(arch, tensors, seqs, dev, force, dtype) -> tuple[ForwardRun | None, str | None]:

@@ -21,7 +21,7 @@ from nvq.verify.diff import (
 )
 from nvq.verify.hints import Evidence, weight_hint
 from nvq.verify.metrics import cosine, rel_l2
-from nvq.verify.noise import apply_scheme, expected_weights
+from nvq.verify.noise import apply_scheme, expected_draw
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -44,22 +44,31 @@ def test_dense_schemes_round_to_their_dtype():
     assert torch.equal(apply_scheme(w, Scheme("f16")), w.half().float())
 
 
-def test_nvfp4_noise_is_per_expert_and_per_gate_up_half():
+def test_nvfp4_noise_is_per_expert_with_gate_and_up_sharing_a_global_scale():
     stack = randn(3, 8, 32)
-    stack[1, 4:] *= 100  # the up half of expert 1 has its own tensor scale
+    stack[1, 4:] *= 100  # the up half of expert 1 sets the expert's global scale
     got = apply_scheme(stack, Scheme("nvfp4", "ct", row_parts=2))
     for e in range(3):
-        for half in (slice(0, 4), slice(4, 8)):
-            want = nvfp4.dequantize(nvfp4.quantize(stack[e, half]))
-            assert torch.equal(got[e, half], want)
+        assert torch.equal(got[e], nvfp4.dequantize(nvfp4.quantize(stack[e])))
     modelopt = apply_scheme(stack[0], Scheme("nvfp4", "modelopt"))
     assert torch.equal(modelopt, nvfp4.dequantize(nvfp4.quantize(stack[0], profile=nvfp4.Profile.MODELOPT)))
 
 
-def test_expected_weights_apply_each_tensors_scheme():
+def test_fusion_group_members_share_the_groups_global_scale():
+    q, k = randn(8, 32), randn(8, 32) * 10
+    oracle = {"blk.0.attn_q.weight": q, "blk.0.attn_k.weight": k}
+    schemes = {n: Scheme("nvfp4") for n in oracle}
+    fusion = {n: "blk.0:qkv" for n in oracle}
+    got = expected_draw(oracle, schemes, {}, 0, fusion=fusion)
+    g = nvfp4.global_scale(k.abs().amax(), torch.float32)
+    assert torch.equal(got["blk.0.attn_q.weight"], nvfp4.dequantize(nvfp4.quantize(q, g)))
+    assert not torch.equal(got["blk.0.attn_q.weight"], nvfp4.dequantize(nvfp4.quantize(q)))
+
+
+def test_expected_draw_applies_each_tensors_scheme():
     oracle = {"a": randn(4, 32), "s": torch.tensor([0.7]), "n": randn(32), "odd": randn(4, 24)}
     schemes = {"a": Scheme("mxfp4"), "s": Scheme("bf16"), "odd": Scheme("nvfp4")}
-    got = expected_weights(oracle, schemes)
+    got = expected_draw(oracle, schemes, {}, 0)
     assert torch.equal(got["a"], apply_scheme(oracle["a"], Scheme("mxfp4"))) and not torch.equal(got["a"], oracle["a"])
     assert torch.equal(got["s"], oracle["s"].bfloat16().float())
     assert torch.equal(got["n"], oracle["n"])  # the candidate lacks it: nothing to model
