@@ -9,6 +9,9 @@ cat(gate, up), stacked; `experts.down_proj` stacked), and the architecture's nam
 HF names into canonical (GGUF) ones, exactly as `nvq.models.load.load_hf` does for dense
 checkpoints.
 
+`open_layout` reads headers only and says per canonical name how each tensor is made (`Source`);
+`load_candidate` reads them all, `nvq.verify.sources.CandidateSource` one at a time on access.
+
 Besides the tensors, the candidate says per canonical tensor how it was stored (`Scheme`): the
 dense dtype, or the quantization format. The verifier applies that same scheme to the oracle's
 weights to know how much error to expect (ARCHITECTURE decision 5).

@@ -128,6 +128,10 @@ def test_gguf_rows_read_only_the_rows_asked_for(tiny_llama, tiny_gguf, bytes_rea
     distinct_rows = len(set(IDS.tolist()))
     assert sum(bytes_read) == distinct_rows * info.row_bytes < info.nbytes // 10
     assert torch.equal(rows, load_canonical(path)[2]["token_embd.weight"][IDS])
+    hidden = GGUFSource.open(path, exclude={"blk.1.attn_k.weight"})
+    assert "blk.1.attn_k.weight" not in hidden and len(hidden) == len(source) - 1
+    with pytest.raises(KeyError, match="blk.1.attn_k.weight"):
+        hidden["blk.1.attn_k.weight"]
 
 
 @pytest.mark.llamacpp
