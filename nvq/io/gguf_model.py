@@ -6,16 +6,18 @@ attn_v, and tensors that llama.cpp generates (Gemma-4 `rope_freqs`) are consumed
 instead of being returned. Tied embeddings show as a missing `output.weight` and
 `tie_word_embeddings: true` in the config.
 
-Everything streams: `GGUFModel.units` says what each canonical tensor is made of, and
-`chunks(unit)` yields it a few row blocks at a time, so a converter never holds more than one
-chunk. `load_canonical` is the small-model convenience that materialises everything.
+Everything streams: `GGUFModel.units` says what each canonical tensor is made of, `read(unit)`
+converts one tensor, `read_rows(unit, a, b)` some of its rows, and `chunks(unit)` yields it a few
+row blocks at a time, so a converter never holds more than one chunk. `GGUFSource` is the lazy
+`Mapping` view the reference forward reads from; `load_canonical` is the small-model convenience
+that materialises it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from nvq.errors import CheckpointError, ConfigError
 from nvq.io.gguf import GGUFFile
 from nvq.io.gguf_cells import Cells, is_exact, read_cells
 from nvq.io.gguf_config import ArchSpec, Fix, Unpermute, head_rows, hf_config, spec_for
+from nvq.io.rows import read_row_set
 
 CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk: 64 MiB
 _QKV = re.compile(r"blk\.(?P<bid>\d+)\.attn_qkv\.(?P<kind>weight|bias)")
@@ -96,6 +99,7 @@ class GGUFModel:
             yield b - a, self._fix(unit, self.gguf.read_rows(unit.source, a, b))
 
     def read(self, unit: Unit) -> torch.Tensor:
+        """The whole canonical tensor: dequantized, conventions undone, float32."""
         parts = [x for _, x in self.chunks(unit)]
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
         return x.reshape(unit.shape)
@@ -116,14 +120,33 @@ class GGUFModel:
             values = self.gguf.read(unit.source)[first:last].reshape(1, -1)
             cells = read_cells(self.gguf, unit.source, 0, 1, values)
             return None if cells is None else _reshaped(cells, unit.shape)
-        parts = []
-        for a in range(first, last, max(1, CHUNK_ELEMENTS // max(info.ne[0], 1))):
-            b = min(a + max(1, CHUNK_ELEMENTS // max(info.ne[0], 1)), last)
+        parts, step = [], max(1, CHUNK_ELEMENTS // max(info.ne[0], 1))
+        for a in range(first, last, step):
+            b = min(a + step, last)
             parts.append(read_cells(self.gguf, unit.source, a, b, self.gguf.read_rows(unit.source, a, b)))
         lower, upper = torch.cat([c.lower for c in parts]), torch.cat([c.upper for c in parts])
         if unit.fix is not None and isinstance(unit.fix.transform, Unpermute):
             lower, upper = unit.fix.transform(lower, unit.dims), unit.fix.transform(upper, unit.dims)
         return _reshaped(Cells(lower, upper, any(c.approximate for c in parts)), unit.shape)
+
+    def read_rows(self, unit: Unit, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the unit's 2-D view [prod(shape[:-1]), shape[-1]] (elements of a
+        1-D unit), conventions undone. A per-head fix needs whole heads, so the heads around the
+        range are read and the range is cut out of them; quantized rows are whole blocks, so
+        the rows are exact."""
+        first, last = unit.rows
+        if not 0 <= start <= stop <= last - first:
+            raise ValueError(
+                f"rows {start}..{stop} are outside tensor '{unit.canonical}', which has "
+                f"{last - first} rows."
+            )
+        group = unit.fix.transform.group_rows(unit.dims) if unit.fix else 1
+        a, b = start - start % group, min(-(-stop // group) * group, last - first)
+        if len(self.gguf.info(unit.source).ne) == 1:
+            x = self.gguf.read(unit.source)[first + a : first + b]
+        else:
+            x = self.gguf.read_rows(unit.source, first + a, first + b)
+        return self._fix(unit, x)[start - a : stop - a]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for unit in self.units:
@@ -137,15 +160,85 @@ class GGUFModel:
 def _reshaped(cells: Cells, shape: tuple[int, ...]) -> Cells:
     return Cells(cells.lower.reshape(shape), cells.upper.reshape(shape), cells.approximate)
 
+class GGUFSource(Mapping[str, torch.Tensor]):
+    """A GGUF model as {canonical name: float32 tensor}, each tensor read from the file when it is
+    accessed (positional reads of its bytes only) and never kept: holding it is the caller's
+    choice. Beside `[]`, partial reads for the streamed forward (nvq.models.layers.Weights):
+    `rows(name, ids)` (embedding lookup), `row_block(name, start, stop)` (LM head chunks) and
+    `expert(name, e)` (one expert of a fused stack); `storage(name)` is the ggml type it is
+    stored in ("F16", "Q8_0"). `exclude` hides tensors the model never reads."""
+
+    def __init__(self, model: GGUFModel, exclude: Iterable[str] = ()) -> None:
+        hidden = set(exclude)
+        self.model = model
+        self._units = {u.canonical: u for u in model.units if u.canonical not in hidden}
+
+    @classmethod
+    def open(cls, path: str | Path, exclude: Iterable[str] = ()) -> GGUFSource:
+        return cls(GGUFModel.open(path), exclude)
+
+    @property
+    def arch_name(self) -> str:
+        return self.model.arch_name
+
+    @property
+    def config(self) -> dict:
+        return self.model.config
+
+    def unit(self, name: str) -> Unit:
+        try:
+            return self._units[name]
+        except KeyError:
+            raise KeyError(f"{self.model.path} has no tensor '{name}' (canonical name)") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.model.read(self.unit(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._units  # Mapping's default would read the tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._units)
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.unit(name).shape
+
+    def storage(self, name: str) -> str:
+        return self.model.storage(self.unit(name))
+
+    def cells(self, name: str) -> Cells | None:
+        """Rounding cells of the tensor's values (None when stored exactly)."""
+        return self.model.read_cells(self.unit(name))
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any order, repeats allowed) of a 2-D tensor, reading only those rows."""
+        unit = self.unit(name)
+        return read_row_set(lambda a, b: self.model.read_rows(unit, a, b), ids)
+
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor's 2-D view."""
+        return self.model.read_rows(self.unit(name), start, stop)
+
+    def expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert e `[rows, cols]` of a fused `[E, rows, cols]` stack."""
+        unit = self.unit(name)
+        if len(unit.shape) != 3 or not 0 <= e < unit.shape[0]:
+            raise ValueError(f"tensor '{name}' of shape {list(unit.shape)} has no expert {e}.")
+        n = unit.shape[1]
+        return self.model.read_rows(unit, e * n, (e + 1) * n).reshape(unit.shape[1:])
+
 
 def load_canonical(path: str | Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """(architecture module name, HF-style config dict, {canonical name: float32 tensor}).
 
     Values follow HF conventions (no Q/K permutation, Gemma-3 norms without +1); names are
-    GGUF's. The whole model is materialised: for big models iterate `GGUFModel.tensors()`.
+    GGUF's. The whole model is materialised: for big models read through `GGUFSource`.
     """
-    model = GGUFModel.open(path)
-    return model.arch_name, model.config, dict(model.tensors())
+    source = GGUFSource.open(path)
+    return source.arch_name, source.config, dict(source.items())
 
 
 @dataclass

@@ -34,7 +34,7 @@ Taps (llama.cpp graph names, src/models/gemma3.cpp), each `[T, features]`, per-h
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -178,7 +178,7 @@ def embed_scale_value(hidden_size: int, embed_scale: str | float = "exact") -> f
     raise ValueError(f"embed_scale must be 'exact', 'hf_bf16' or a number, not {embed_scale!r}")
 
 
-def forward(
+def forward_layers(
     config: Gemma3Config,
     tensors: Mapping[str, torch.Tensor],
     token_ids: torch.Tensor,
@@ -186,9 +186,9 @@ def forward(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     embed_scale: str | float = "exact",
-) -> torch.Tensor:
-    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
-    values (norm weights w, applied as 1 + w). Tap names: the module docstring."""
+) -> Generator[int, None, torch.Tensor]:
+    """The forward one step at a time: yields L.EMBEDDED after the embedding, i after layer i's
+    `l_out-i` tap, and returns `result_norm` `[T, H]`. Inputs and taps: `forward`."""
     tap = L.as_taps(taps)
     w = L.Weights(tensors, dtype, device)
     ids = L.check_token_ids(token_ids)
@@ -206,6 +206,7 @@ def forward(
 
     x = w.rows("token_embd.weight", ids) * embed_scale_value(config.hidden_size, embed_scale)
     x = tap("inp_scaled", x)
+    yield L.EMBEDDED
     for i in range(config.num_layers):
         p = f"blk.{i}."
         kind = config.layer_type(i)
@@ -238,6 +239,28 @@ def forward(
         )
         m = norm(tap(f"ffn_out-{i}", m), p + "post_ffw_norm.weight")
         x = tap(f"l_out-{i}", x + tap(f"ffn_post_norm-{i}", m))
-    x = tap("result_norm", norm(x, "output_norm.weight"))
-    logits = L.softcap(L.linear(x, w.lm_head()), config.final_logit_softcapping)
-    return tap("result_output", logits)
+        yield i
+    return tap("result_norm", norm(x, "output_norm.weight"))
+
+
+def head(config: Gemma3Config, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
+    """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`), softcapped elementwise: the
+    head in any chunks."""
+    return L.softcap(L.linear(hidden, weight_rows), config.final_logit_softcapping)
+
+
+def forward(
+    config: Gemma3Config,
+    tensors: Mapping[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    taps: L.Taps | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    embed_scale: str | float = "exact",
+) -> torch.Tensor:
+    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
+    values (norm weights w, applied as 1 + w). Tap names: the module docstring."""
+    steps = forward_layers(config, tensors, token_ids, taps, dtype, device, embed_scale)
+    x = L.run_layers(steps)
+    logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
+    return L.as_taps(taps)("result_output", logits)

@@ -40,7 +40,7 @@ head-major, PLE tensors `[T, L·P]` layer-major.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -264,7 +264,7 @@ IGNORE_PATTERNS = (
 # ---------------------------------------------------------------------------------------------
 
 
-def forward(
+def forward_layers(
     config: Gemma4Config,
     tensors: Mapping[str, torch.Tensor],
     token_ids: torch.Tensor,
@@ -272,13 +272,10 @@ def forward(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     embed_scale: str | float = "exact",
-) -> torch.Tensor:
-    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors.
-
-    embed_scale: "exact" multiplies the embeddings by fp32 √H and √P (llama.cpp; transformers in
-    fp32), "hf_bf16" by their bf16 roundings (transformers with bf16 weights, gemma4.md §2.2).
-    Tap names: the module docstring.
-    """
+) -> Generator[int, None, torch.Tensor]:
+    """The forward one step at a time: yields L.EMBEDDED after the embedding (and the PLE inputs),
+    i after layer i's `l_out-i` tap, and returns `result_norm` `[T, H]`. The K/V of KV-shared
+    layers' donors and the PLE inputs live in the generator. Inputs and taps: `forward`."""
     tap = L.as_taps(taps)
     w = L.Weights(tensors, dtype, device)
     ids = L.check_token_ids(token_ids)
@@ -310,6 +307,7 @@ def forward(
         tap("per_layer_proj", ctx.reshape(t, -1))
         ple = (ctx + tok.view(t, n_layers, p_dim)) * 2.0**-0.5
         tap("inp_per_layer", ple.reshape(t, -1))
+    yield L.EMBEDDED
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i in range(n_layers):
@@ -364,7 +362,7 @@ def forward(
             tap(f"ffn_moe_topk-{i}", r.experts)
             tap(f"ffn_moe_weights_norm-{i}", r.weights_norm)
             xe = tap(f"ffn_norm_2-{i}", norm(x, p + "pre_ffw_norm_2.weight"))
-            gate_up, down = w(p + "ffn_gate_up_exps.weight"), w(p + "ffn_down_exps.weight")
+            gate_up, down = w.experts(p + "ffn_gate_up_exps.weight"), w.experts(p + "ffn_down_exps.weight")
             e = L.moe_experts(xe, gate_up, down, r.experts, r.weights, act)
             e = norm(tap(f"ffn_moe_out-{i}", e), p + "post_ffw_norm_2.weight")
             m = tap(f"ffn_moe_combined-{i}", m + tap(f"ffn_moe-{i}", e))
@@ -382,7 +380,33 @@ def forward(
         if scalar is not None:
             x = x * scalar
         x = tap(f"l_out-{i}", x)
+        yield i
 
-    x = tap("result_norm", norm(x, "output_norm.weight"))
-    logits = L.softcap(L.linear(x, w.lm_head()), config.final_logit_softcapping)
-    return tap("result_output", logits)
+    return tap("result_norm", norm(x, "output_norm.weight"))
+
+
+def head(config: Gemma4Config, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
+    """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`), softcapped elementwise: the
+    head in any chunks."""
+    return L.softcap(L.linear(hidden, weight_rows), config.final_logit_softcapping)
+
+
+def forward(
+    config: Gemma4Config,
+    tensors: Mapping[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    taps: L.Taps | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    embed_scale: str | float = "exact",
+) -> torch.Tensor:
+    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors.
+
+    embed_scale: "exact" multiplies the embeddings by fp32 √H and √P (llama.cpp; transformers in
+    fp32), "hf_bf16" by their bf16 roundings (transformers with bf16 weights, gemma4.md §2.2).
+    Tap names: the module docstring.
+    """
+    steps = forward_layers(config, tensors, token_ids, taps, dtype, device, embed_scale)
+    x = L.run_layers(steps)
+    logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
+    return L.as_taps(taps)("result_output", logits)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -237,11 +238,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def _expert_linear(x: torch.Tensor, stack: torch.Tensor, e: int) -> torch.Tensor:
+# A fused expert stack `[E, rows, cols]`, or a function giving expert e's `[rows, cols]` (a lazy
+# source reads only the experts that tokens were routed to).
+ExpertStack = torch.Tensor | Callable[[int], torch.Tensor]
+
+
+def _expert_linear(x: torch.Tensor, stack: ExpertStack, e: int) -> torch.Tensor:
     """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
     if _observer is not None:
         _observer(x, stack, e)
-    return F.linear(x, stack[e])
+    return F.linear(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e))
 
 
 def glu_mlp(
@@ -297,19 +303,19 @@ def gemma4_route(
 
 def moe_experts(
     x: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: ExpertStack,
+    down: ExpertStack,
     experts: torch.Tensor,
     weights: torch.Tensor,
     act: str,
 ) -> torch.Tensor:
     """Σ_k w_k · D_e(act(G_e·x) ⊙ U_e·x) over the selected experts e = experts[t, k].
 
-    gate_up `[E, 2·Ie, H]` (rows [0, Ie) gate, [Ie, 2·Ie) up), down `[E, H, Ie]`. Loops over the
-    experts that at least one token selected; tokens are batched per expert.
+    gate_up `[E, 2·Ie, H]` (rows [0, Ie) gate, [Ie, 2·Ie) up), down `[E, H, Ie]`, or functions of
+    e giving one expert's rows (see ExpertStack). Loops over the experts that at least one token
+    selected; tokens are batched per expert.
     """
     fn = activation(act)
-    ie = gate_up.shape[1] // 2
     out = torch.zeros_like(x)
     if _observer is not None:
         _observer(x, gate_up, ALL_EXPERTS)  # every token: the fallback Hessian of rarely routed experts
@@ -317,6 +323,7 @@ def moe_experts(
         tok, slot = torch.nonzero(experts == e, as_tuple=True)
         xe = x[tok]
         gu = _expert_linear(xe, gate_up, e)
+        ie = gu.shape[-1] // 2
         y = _expert_linear(fn(gu[:, :ie]) * gu[:, ie:], down, e)
         out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
     return out
@@ -424,7 +431,9 @@ class Weights:
     """Reads canonical tensors from a mapping, cast to the forward's dtype and device on use.
 
     Only `in` and `[]` are used, so the mapping may be lazy (read each tensor from disk on access)
-    to keep one layer's weights in memory at a time.
+    to keep one layer's weights in memory at a time. A lazy source may also offer
+    `rows(name, ids)`, `row_block(name, start, stop)` and `expert(name, e)`, which read part of a
+    tensor; they are used when present (nvq.verify.sources, nvq.io.gguf_model.GGUFSource).
     """
 
     def __init__(self, tensors, dtype: torch.dtype, device) -> None:
@@ -435,6 +444,9 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._t
 
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype)
+
     def __call__(self, name: str) -> torch.Tensor:
         try:
             t = self._t[name]
@@ -442,19 +454,58 @@ class Weights:
             raise KeyError(
                 f"the reference forward needs tensor '{name}', which is not loaded"
             ) from None
-        return t.to(device=self.device, dtype=self.dtype)
+        return self._cast(t)
 
     def get(self, name: str) -> torch.Tensor | None:
         return self(name) if name in self._t else None
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup: only the selected rows are cast."""
+        """Embedding lookup: only the selected rows are cast (and, from a lazy source, read)."""
+        read = getattr(self._t, "rows", None)
+        if read is not None:
+            return self._cast(read(name, ids.cpu()))
         t = self._t[name]
-        return t[ids.to(t.device)].to(device=self.device, dtype=self.dtype)
+        return self._cast(t[ids.to(t.device)])
+
+    def experts(self, name: str) -> ExpertStack:
+        """A fused expert stack; from a lazy source, a function reading expert e on demand."""
+        read = getattr(self._t, "expert", None)
+        if read is None:
+            return self(name)
+        return lambda e: self._cast(read(name, e))
+
+    @property
+    def lm_head_name(self) -> str:
+        """output.weight, or the tied token embedding when there is none (as llama.cpp does)."""
+        return "output.weight" if "output.weight" in self._t else "token_embd.weight"
 
     def lm_head(self) -> torch.Tensor:
-        """output.weight, or the tied token embedding when there is none (as llama.cpp does)."""
-        return self("output.weight" if "output.weight" in self._t else "token_embd.weight")
+        return self(self.lm_head_name)
+
+    def lm_head_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Vocabulary rows [start, stop) of the LM head: the head in chunks."""
+        name = self.lm_head_name
+        read = getattr(self._t, "row_block", None)
+        if read is not None:
+            return self._cast(read(name, start, stop))
+        return self._cast(self._t[name][start:stop])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stepwise forwards
+# ---------------------------------------------------------------------------------------------
+
+FINAL = TypeVar("FINAL")
+EMBEDDED = -1  # what a stepwise forward yields once the embedding is computed
+
+
+def run_layers(steps: Generator[int, None, FINAL]) -> FINAL:
+    """Drive a stepwise forward (`forward_layers`) to its end and return its final norm."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def check_token_ids(token_ids: torch.Tensor) -> torch.Tensor:

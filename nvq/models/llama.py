@@ -25,7 +25,7 @@ Taps (llama.cpp graph names, src/models/llama.cpp; every tap is `[T, features]`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -115,16 +115,16 @@ IGNORE_PATTERNS: tuple[str, ...] = ()
 # ---------------------------------------------------------------------------------------------
 
 
-def forward(
+def forward_layers(
     config: LlamaConfig,
     tensors: Mapping[str, torch.Tensor],
     token_ids: torch.Tensor,
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
-    values (no GGUF Q/K permutation). Tap names: the module docstring."""
+) -> Generator[int, None, torch.Tensor]:
+    """The forward one step at a time: yields L.EMBEDDED after the embedding, i after layer i's
+    `l_out-i` tap, and returns `result_norm` `[T, H]`. Inputs and taps: `forward`."""
     tap = L.as_taps(taps)
     w = L.Weights(tensors, dtype, device)
     ids = L.check_token_ids(token_ids)
@@ -134,6 +134,7 @@ def forward(
     scale = hd**-0.5
 
     x = tap("embd", w.rows("token_embd.weight", ids))
+    yield L.EMBEDDED
     for i in range(config.num_layers):
         p = f"blk.{i}."
         a = tap(f"attn_norm-{i}", L.rms_norm(x, w(p + "attn_norm.weight"), eps, L.NORM_LLAMA))
@@ -160,8 +161,28 @@ def forward(
             (w.get(p + "ffn_gate.bias"), w.get(p + "ffn_up.bias"), w.get(p + "ffn_down.bias")),
         )
         x = tap(f"l_out-{i}", x + tap(f"ffn_out-{i}", m))
-    x = tap("result_norm", L.rms_norm(x, w("output_norm.weight"), eps, L.NORM_LLAMA))
-    return tap("result_output", L.linear(x, w.lm_head()))
+        yield i
+    return tap("result_norm", L.rms_norm(x, w("output_norm.weight"), eps, L.NORM_LLAMA))
+
+
+def head(config: LlamaConfig, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
+    """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`): the head in any chunks."""
+    return L.linear(hidden, weight_rows)
+
+
+def forward(
+    config: LlamaConfig,
+    tensors: Mapping[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    taps: L.Taps | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
+    values (no GGUF Q/K permutation). Tap names: the module docstring."""
+    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device))
+    logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
+    return L.as_taps(taps)("result_output", logits)
 
 
 def to_gguf_rope_order(x: torch.Tensor, n_heads: int) -> torch.Tensor:

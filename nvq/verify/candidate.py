@@ -9,6 +9,9 @@ cat(gate, up), stacked; `experts.down_proj` stacked), and the architecture's nam
 HF names into canonical (GGUF) ones, exactly as `nvq.models.load.load_hf` does for dense
 checkpoints.
 
+`open_layout` reads headers only and says per canonical name how each tensor is made (`Source`);
+`load_candidate` reads them all, `nvq.verify.sources.CandidateSource` one at a time on access.
+
 Besides the tensors, the candidate says per canonical tensor how it was stored (`Scheme`): the
 dense dtype, or the quantization format. The verifier applies that same scheme to the oracle's
 weights to know how much error to expect (ARCHITECTURE decision 5).
@@ -204,8 +207,58 @@ def _reader_key(qc: dict | None) -> str | None:
     return "modelopt" if method.startswith("modelopt") else method
 
 
-def load_candidate(path: str | Path) -> Candidate:
-    """Read a candidate checkpoint directory into canonical float32 tensors and their schemes."""
+@dataclass(frozen=True)
+class Source:
+    """How one dense HF-named tensor of a candidate is made, known from the headers alone.
+
+    A leaf is a tensor stored dense (`module` None: read `name` as stored) or a quantized module
+    that the codec decodes into `<module>.weight`. A fused expert stack has `experts`: per expert,
+    the leaves whose rows are concatenated (gate then up, or down alone).
+    """
+
+    name: str  # the HF name of the tensor it gives
+    scheme: Scheme
+    module: str | None = None
+    experts: tuple[tuple[Source, ...], ...] = ()
+
+
+@dataclass
+class Layout:
+    """A candidate directory as seen through its headers: per canonical name, the Source that
+    makes it. Reads nothing until `read` / `read_expert` are called."""
+
+    ckpt: Checkpoint
+    arch: Architecture
+    codec: Codec | None
+    format: str  # "dense", "compressed-tensors nvfp4", "modelopt nvfp4", ...
+    sources: dict[str, Source]  # canonical name → how to make it
+
+    def read(self, src: Source) -> torch.Tensor:
+        """The float32 tensor `src` gives: read as stored, decoded, or an expert stack."""
+        if src.experts:
+            try:
+                return torch.stack([self.read_expert(src, e) for e in range(len(src.experts))])
+            except RuntimeError:
+                raise CheckpointError(f"{self.ckpt.path}: the per-expert modules of '{src.name}' differ in shape.") from None
+        if src.module is None:
+            return self.ckpt.read(src.name).float()
+        parts = {p: self.ckpt.read(f"{src.module}.{p}") for p in self.codec.parts}
+        try:
+            return self.codec.decode(parts)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{self.ckpt.path}: module '{src.module}' does not decode as {self.codec.scheme}: {e}"
+            ) from None
+
+    def read_expert(self, src: Source, e: int) -> torch.Tensor:
+        """Expert e of a fused stack: its leaves only, rows concatenated."""
+        leaves = [self.read(leaf) for leaf in src.experts[e]]
+        return leaves[0] if len(leaves) == 1 else torch.cat(leaves)
+
+
+def open_layout(path: str | Path) -> Layout:
+    """Headers and config of a candidate directory → its Layout (CheckpointError for a format nvq
+    does not verify, an incomplete quantized module, incomplete or mixed expert modules)."""
     ckpt = Checkpoint.open(path)
     qc = quantization_config(ckpt)
     key = _reader_key(qc)
@@ -218,10 +271,18 @@ def load_candidate(path: str | Path) -> Candidate:
     pick = READERS[key]
     codec = pick(qc, ckpt.path) if pick else None
     arch = for_config(ckpt.config)
-    hf, schemes = _hf_state(ckpt, codec)
-    tensors, canonical_schemes = _canonical(ckpt, arch, hf, schemes)
+    hf = _hf_sources(ckpt, codec)
+    names = canonical_names(ckpt, arch, hf)
     fmt = "dense" if codec is None else f"{key} {codec.scheme.name}"
-    return Candidate(ckpt.path, arch, ckpt.config, tensors, canonical_schemes, fmt)
+    return Layout(ckpt, arch, codec, fmt, {c: hf[s] for s, c in names.items()})
+
+
+def load_candidate(path: str | Path) -> Candidate:
+    """Read a candidate checkpoint directory into canonical float32 tensors and their schemes."""
+    lay = open_layout(path)
+    tensors = {c: lay.read(src) for c, src in lay.sources.items()}
+    schemes = {c: src.scheme for c, src in lay.sources.items()}
+    return Candidate(lay.ckpt.path, lay.arch, lay.ckpt.config, tensors, schemes, lay.format)
 
 
 _EXPERT = re.compile(r"(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<part>[a-z_]+)\.weight")
@@ -233,28 +294,21 @@ _EXPERT_SLOTS = {
 }
 
 
-def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
-    """Dense HF-named float32 tensors: quantized modules decoded to `<module>.weight`, per-expert
-    modules fused into their stacks."""
+def _hf_sources(ckpt: Checkpoint, codec: Codec | None) -> dict[str, Source]:
+    """Dense HF-named tensors: quantized modules decode to `<module>.weight`, per-expert modules
+    fuse into their stacks."""
     names = set(ckpt.tensors)
     modules = set()
     if codec is not None:
         suffix = "." + codec.marker
         modules = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
     owned = {f"{m}.{p}" for m in modules for p in (*codec.parts, *codec.optional)} if codec else set()
-    out: dict[str, torch.Tensor] = {}
-    schemes: dict[str, Scheme] = {}
+    out: dict[str, Source] = {}
     for m in sorted(modules):
-        parts = {}
         for p in codec.parts:
             if f"{m}.{p}" not in names:
                 raise CheckpointError(f"{ckpt.path}: quantized module '{m}' has no '{p}' tensor.")
-            parts[p] = ckpt.read(f"{m}.{p}")
-        try:
-            out[f"{m}.weight"] = codec.decode(parts)
-        except (ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{ckpt.path}: module '{m}' does not decode as {codec.scheme}: {e}") from None
-        schemes[f"{m}.weight"] = codec.scheme
+        out[f"{m}.weight"] = Source(f"{m}.weight", codec.scheme, module=m)
     for n in sorted(names - owned):
         info = ckpt.tensors[n]
         if info.dtype not in DENSE_SCHEMES:
@@ -262,13 +316,12 @@ def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> tuple[dict[str, torch.Te
                 f"{ckpt.path}: tensor '{n}' has dtype {info.dtype} and belongs to no quantized module "
                 f"nvq can decode here."
             )
-        out[n] = ckpt.read(n).float()
-        schemes[n] = Scheme(DENSE_SCHEMES[info.dtype])
-    _fuse_experts(ckpt.path, out, schemes)
-    return out, schemes
+        out[n] = Source(n, Scheme(DENSE_SCHEMES[info.dtype]))
+    _fuse_experts(ckpt.path, out)
+    return out
 
 
-def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, Scheme]) -> None:
+def _fuse_experts(path: Path, out: dict[str, Source]) -> None:
     groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
     for n in list(out):
         m = _EXPERT.fullmatch(n)
@@ -281,26 +334,13 @@ def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, S
         name = f"{stem}.{fused}"
         if sorted(experts) != list(range(len(experts))) or any(len(s) != n_parts for s in experts.values()):
             raise CheckpointError(f"{path}: the per-expert modules of '{name}' are incomplete.")
-        members = [experts[e][s] for e in sorted(experts) for s in range(n_parts)]
-        kinds = {schemes[n] for n in members}
+        members = tuple(tuple(out[experts[e][s]] for s in range(n_parts)) for e in sorted(experts))
+        kinds = {leaf.scheme for leaves in members for leaf in leaves}
         if len(kinds) != 1:
             raise CheckpointError(f"{path}: the experts of '{name}' mix storage schemes {sorted(map(str, kinds))}.")
-        try:
-            out[name] = torch.stack(
-                [torch.cat([out[experts[e][s]] for s in range(n_parts)]) for e in sorted(experts)]
-            )
-        except RuntimeError:
-            raise CheckpointError(f"{path}: the per-expert modules of '{name}' differ in shape.") from None
         kind = kinds.pop()
-        schemes[name] = Scheme(kind.name, kind.profile, n_parts if kind.quantized else 1, kind.group_size)
-        for n in members:
-            del out[n], schemes[n]
-
-
-def _canonical(
-    ckpt: Checkpoint, arch: Architecture, hf: dict[str, torch.Tensor], schemes: dict[str, Scheme]
-) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
-    """HF names → canonical names through the name table (towers and drops skipped, tied
-    embeddings as load_hf treats them)."""
-    names = canonical_names(ckpt, arch, hf)
-    return ({c: hf[s] for s, c in names.items()}, {c: schemes[s] for s, c in names.items()})
+        scheme = Scheme(kind.name, kind.profile, n_parts if kind.quantized else 1, kind.group_size)
+        out[name] = Source(name, scheme, experts=members)
+        for leaves in members:
+            for leaf in leaves:
+                del out[leaf.name]
