@@ -12,6 +12,10 @@ checkpoints.
 Besides the tensors, the candidate says per canonical tensor how it was stored (`Scheme`): the
 dense dtype, or the quantization format. The verifier applies that same scheme to the oracle's
 weights to know how much error to expect (ARCHITECTURE decision 5).
+
+GPTQ modules decode as GPTQModel and llama.cpp's converter read them (g_idx and qzeros, formats.md
+§4.1); the candidate also carries their groups where act-order made them other than k // G
+(`group_index`), and where vLLM would read the checkpoint differently (`client_findings`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +31,8 @@ import torch
 from nvq import ops
 from nvq.errors import CheckpointError
 from nvq.formats import e2m1, nvfp4
-from nvq.io.hf import Checkpoint, HFConfig
+from nvq.formats.constants import INT4_SYM_ZERO
+from nvq.io.hf import Checkpoint, HFConfig, load_config
 from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, for_config
 from nvq.models.load import canonical_names
@@ -63,6 +68,37 @@ class Scheme:
 
 
 @dataclass(frozen=True)
+class ClientFinding:
+    """Where a client serves the candidate other than GPTQModel and llama.cpp's converter read it.
+
+    tensor: canonical name ("quantization_config" when the whole checkpoint is concerned).
+    check: short id of the rule ("sym-qzeros", "g_idx-dropped", "act-order-refused", ...).
+    rel_l2: ‖W_client − W‖ / ‖W‖ over the tensor, where the client loads it at all.
+    serious: the client would silently serve other weights (verify fails); otherwise a note.
+    """
+
+    tensor: str
+    client: str
+    check: str
+    what: str
+    rel_l2: float | None
+    serious: bool
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleRead:
+    """A decoded quantized module and what else its tensors say.
+
+    groups: the group of each input column (GPTQ g_idx, int64 [K]); trivial: groups is k // G.
+    """
+
+    weight: torch.Tensor
+    groups: torch.Tensor | None = None
+    trivial: bool = True
+    findings: tuple[ClientFinding, ...] = ()
+
+
+@dataclass(frozen=True)
 class Codec:
     """How one quantized Linear module of a checkpoint format decodes.
 
@@ -76,6 +112,12 @@ class Codec:
     parts: tuple[str, ...]
     decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     optional: tuple[str, ...] = ()  # consumed when present (ModelOpt input_scale: activations)
+    # (module, tensors) → ModuleRead, for formats whose tensors say more than the weight (GPTQ)
+    read: Callable[[str, dict[str, torch.Tensor]], ModuleRead] | None = None
+    findings: tuple[ClientFinding, ...] = ()  # about the whole checkpoint, from its config
+
+    def read_module(self, module: str, tensors: dict[str, torch.Tensor]) -> ModuleRead:
+        return self.read(module, tensors) if self.read else ModuleRead(self.decode(tensors))
 
 
 def _ct_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,8 +157,35 @@ MODELOPT_NVFP4 = Codec(
 )
 
 
+# What vLLM 0.33 serves from a GPTQ checkpoint (formats.md §4.2): check → (client, serious).
+# Serious: vLLM loads the checkpoint and silently serves other weights. A refusal is loud, and a
+# scale rounded to the serving dtype is the deployment's precision: notes.
+VLLM = "vLLM 0.33"
+GPTQ_CLIENT_CHECKS = {
+    "sym-qzeros": (VLLM, True),  # sym → type uint4b8: qzeros ignored, zero 8 assumed
+    "g_idx-dropped": (VLLM, True),  # desc_act false → the weight mapper drops .g_idx
+    "act-order-refused": (VLLM, False),  # desc_act true with group_size ≠ −1 raises at load
+    "asym-refused": (VLLM, False),  # only (bits, sym) ∈ {(4, true), (8, true)}
+    "scale-dtype": (VLLM, False),  # fp16 scales cast to the model dtype
+    "v1-zero-overflow": ("GPTQModel", True),  # a v1 zero point 0: GPTQModel and llama.cpp disagree
+}
+# config.json torch_dtype / dtype → the dtype vLLM holds the scales in
+MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _finding(tensor: str, check: str, what: str, rel_l2: float | None = None) -> ClientFinding:
+    client, serious = GPTQ_CLIENT_CHECKS[check]
+    return ClientFinding(tensor, client, check, what, rel_l2, serious)
+
+
+def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    n = ref.double().norm().item()
+    d = (x.double() - ref.double()).norm().item()
+    return d / n if n > 0 else d
+
+
 def _gptq_codec(qc: dict, path: Path) -> Codec:
-    # GPTQ v1 / v2 (formats.md §4.1); sym checkpoints decode with the implicit zero 8, as vLLM does.
+    # GPTQ v1 / v2 (formats.md §4.1), read with g_idx and qzeros as GPTQModel and llama.cpp do.
     bits, group = qc.get("bits"), qc.get("group_size", -1)
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
     if bits != 4 or fmt not in gptq_layout.ZERO_OFFSET or not isinstance(group, int):
@@ -124,14 +193,49 @@ def _gptq_codec(qc: dict, path: Path) -> Codec:
             f"{path}: GPTQ with bits={bits}, format '{fmt}', group_size={group!r} is not one nvq verifies; "
             f"it reads 4-bit {' and '.join(gptq_layout.ZERO_OFFSET)} checkpoints."
         )
-    sym = bool(qc.get("sym", True))
+    sym, desc_act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
+    config = load_config(path)
+    dtype = MODEL_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")))
 
-    def decode(t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return gptq_layout.dequantize(t, fmt, sym)
+    def read(module: str, t: dict[str, torch.Tensor]) -> ModuleRead:
+        m = gptq_layout.unpack(t, fmt)
+        w = m.weight()
+        findings = tuple(_gptq_module_findings(f"{module}.weight", m, w, fmt, sym, desc_act, dtype))
+        return ModuleRead(w, m.g_idx, m.trivial, findings)
 
+    config_findings = []
+    if desc_act and group != -1:
+        config_findings.append(_finding("quantization_config", "act-order-refused",
+                                        f"desc_act true with group_size {group}: vLLM 0.33 refuses to load it"))
+    if not sym:
+        config_findings.append(_finding("quantization_config", "asym-refused",
+                                        "sym false: vLLM 0.33 loads only symmetric GPTQ"))
     # -1: one group per row; the expected-noise model then uses the whole row as the group
-    return Codec(Scheme("gptq", None, 1, group), "qweight", ("qweight", "qzeros", "scales"), decode,
-                 optional=("g_idx",))
+    return Codec(Scheme("gptq", None, 1, group), "qweight", ("qweight", "qzeros", "scales"),
+                 lambda t: read("", t).weight, optional=("g_idx",), read=read, findings=tuple(config_findings))
+
+
+def _gptq_module_findings(tensor: str, m: gptq_layout.GPTQModule, w: torch.Tensor, fmt: str, sym: bool,
+                          desc_act: bool, dtype: torch.dtype | None) -> list[ClientFinding]:
+    """What vLLM (and GPTQModel, where it disagrees with llama.cpp) reads differently in one module."""
+    out = []
+    if sym and bool((m.zero != INT4_SYM_ZERO).any()):
+        out.append(_finding(tensor, "sym-qzeros", f"sym checkpoint whose qzeros are not the implicit "
+                            f"{gptq_layout.IMPLICIT_SYM_WORD[fmt]:#010x}: vLLM assumes zero {INT4_SYM_ZERO} where "
+                            f"GPTQModel and llama.cpp read qzeros", _rel_l2(m.weight(zero=torch.full_like(m.zero, INT4_SYM_ZERO)), w)))
+    if not desc_act and not m.trivial:
+        out.append(_finding(tensor, "g_idx-dropped", "desc_act false but g_idx is not k // G: vLLM drops g_idx "
+                            "and groups consecutive columns", _rel_l2(m.weight(g_idx=m.trivial_g_idx()), w)))
+    if m.gptqmodel_zero is not None:
+        out.append(_finding(tensor, "v1-zero-overflow", "a v1 qzeros nibble 15 (zero point 0, which v1 cannot store): "
+                            "GPTQModel carries it into the next nibble, llama.cpp and nvq read zero 16",
+                            _rel_l2(m.weight(zero=m.gptqmodel_zero), w)))
+    if dtype is not None:
+        cast = _rel_l2(m.weight(scale_dtype=dtype), w)
+        if cast > 0:
+            out.append(_finding(tensor, "scale-dtype", f"vLLM holds the fp16 scales in the model dtype "
+                                f"{str(dtype).removeprefix('torch.')}", cast))
+    return out
 
 
 def _ct_codec(qc: dict, path: Path) -> Codec:
@@ -175,6 +279,11 @@ class Candidate:
     schemes: dict[str, Scheme]  # canonical name → how the candidate stores it
     format: str  # "dense", "compressed-tensors nvfp4-pack-quantized", "modelopt nvfp4", ...
     notes: list[str] = field(default_factory=list)
+    # canonical name → int64 group of each input column, where it is not k // G (GPTQ act-order):
+    # [K] for a 2-D weight, [E, row_parts, K] for a fused expert stack; `.reshape(-1, K)[i]` is the
+    # g_idx of the i-th [N, K] block in the order diff.apply_scheme visits them
+    group_index: dict[str, torch.Tensor] = field(default_factory=dict)
+    client_findings: list[ClientFinding] = field(default_factory=list)
 
     @property
     def quantized(self) -> dict[str, Scheme]:
@@ -218,10 +327,41 @@ def load_candidate(path: str | Path) -> Candidate:
     pick = READERS[key]
     codec = pick(qc, ckpt.path) if pick else None
     arch = for_config(ckpt.config)
-    hf, schemes = _hf_state(ckpt, codec)
-    tensors, canonical_schemes = _canonical(ckpt, arch, hf, schemes)
+    state = _hf_state(ckpt, codec)
+    names = canonical_names(ckpt, arch, state.tensors)
     fmt = "dense" if codec is None else f"{key} {codec.scheme.name}"
-    return Candidate(ckpt.path, arch, ckpt.config, tensors, canonical_schemes, fmt)
+    return Candidate(
+        ckpt.path, arch, ckpt.config,
+        {c: state.tensors[s] for s, c in names.items()},
+        {c: state.schemes[s] for s, c in names.items()},
+        fmt,
+        group_index={names[s]: g for s, g in state.groups.items() if s in names},
+        client_findings=[*(codec.findings if codec else ()), *_merge_findings(state.findings, names)],
+    )
+
+
+@dataclass
+class _HFState:
+    """The checkpoint as dense HF-named tensors, before the name table."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    schemes: dict[str, Scheme] = field(default_factory=dict)
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)  # non-trivial group indices only
+    findings: list[ClientFinding] = field(default_factory=list)
+
+
+def _merge_findings(findings: list[ClientFinding], names: dict[str, str]) -> list[ClientFinding]:
+    """Findings under canonical names, one per tensor and check (the largest rel-L2 of a stack's
+    experts, and how many of its modules had it)."""
+    merged: dict[tuple[str, str], list[ClientFinding]] = {}
+    for f in findings:
+        merged.setdefault((names.get(f.tensor, f.tensor), f.check), []).append(f)
+    out = []
+    for (tensor, _), fs in merged.items():
+        worst = max(fs, key=lambda f: -1.0 if f.rel_l2 is None else f.rel_l2)
+        what = worst.what if len(fs) == 1 else f"{worst.what} (in {len(fs)} of its expert modules)"
+        out.append(ClientFinding(tensor, worst.client, worst.check, what, worst.rel_l2, worst.serious))
+    return out
 
 
 _EXPERT = re.compile(r"(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<part>[a-z_]+)\.weight")
@@ -233,7 +373,7 @@ _EXPERT_SLOTS = {
 }
 
 
-def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
+def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> _HFState:
     """Dense HF-named float32 tensors: quantized modules decoded to `<module>.weight`, per-expert
     modules fused into their stacks."""
     names = set(ckpt.tensors)
@@ -242,19 +382,25 @@ def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> tuple[dict[str, torch.Te
         suffix = "." + codec.marker
         modules = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
     owned = {f"{m}.{p}" for m in modules for p in (*codec.parts, *codec.optional)} if codec else set()
-    out: dict[str, torch.Tensor] = {}
-    schemes: dict[str, Scheme] = {}
+    state = _HFState()
+    out, schemes = state.tensors, state.schemes
+    groups: dict[str, tuple[torch.Tensor, bool]] = {}
     for m in sorted(modules):
         parts = {}
         for p in codec.parts:
             if f"{m}.{p}" not in names:
                 raise CheckpointError(f"{ckpt.path}: quantized module '{m}' has no '{p}' tensor.")
             parts[p] = ckpt.read(f"{m}.{p}")
+        parts |= {p: ckpt.read(f"{m}.{p}") for p in codec.optional if f"{m}.{p}" in names}
         try:
-            out[f"{m}.weight"] = codec.decode(parts)
+            read = codec.read_module(m, parts)
         except (ValueError, RuntimeError) as e:
             raise CheckpointError(f"{ckpt.path}: module '{m}' does not decode as {codec.scheme}: {e}") from None
+        out[f"{m}.weight"] = read.weight
         schemes[f"{m}.weight"] = codec.scheme
+        if read.groups is not None:
+            groups[f"{m}.weight"] = (read.groups, read.trivial)
+        state.findings += read.findings
     for n in sorted(names - owned):
         info = ckpt.tensors[n]
         if info.dtype not in DENSE_SCHEMES:
@@ -264,11 +410,15 @@ def _hf_state(ckpt: Checkpoint, codec: Codec | None) -> tuple[dict[str, torch.Te
             )
         out[n] = ckpt.read(n).float()
         schemes[n] = Scheme(DENSE_SCHEMES[info.dtype])
-    _fuse_experts(ckpt.path, out, schemes)
-    return out, schemes
+    fused = _fuse_experts(ckpt.path, out, schemes)
+    state.groups = _fuse_groups(groups, fused, schemes)
+    state.findings = [replace(f, tensor=fused[f.tensor][0]) if f.tensor in fused else f for f in state.findings]
+    return state
 
 
-def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, Scheme]) -> None:
+def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, Scheme]) -> dict[str, tuple[str, int]]:
+    """Per-expert modules → their fused stacks, in place; returns member → (stack, position in it)."""
+    fused_from: dict[str, tuple[str, int]] = {}
     groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
     for n in list(out):
         m = _EXPERT.fullmatch(n)
@@ -293,14 +443,24 @@ def _fuse_experts(path: Path, out: dict[str, torch.Tensor], schemes: dict[str, S
             raise CheckpointError(f"{path}: the per-expert modules of '{name}' differ in shape.") from None
         kind = kinds.pop()
         schemes[name] = Scheme(kind.name, kind.profile, n_parts if kind.quantized else 1, kind.group_size)
-        for n in members:
+        for i, n in enumerate(members):
             del out[n], schemes[n]
+            fused_from[n] = (name, i)
+    return fused_from
 
 
-def _canonical(
-    ckpt: Checkpoint, arch: Architecture, hf: dict[str, torch.Tensor], schemes: dict[str, Scheme]
-) -> tuple[dict[str, torch.Tensor], dict[str, Scheme]]:
-    """HF names → canonical names through the name table (towers and drops skipped, tied
-    embeddings as load_hf treats them)."""
-    names = canonical_names(ckpt, arch, hf)
-    return ({c: hf[s] for s, c in names.items()}, {c: schemes[s] for s, c in names.items()})
+def _fuse_groups(groups: dict[str, tuple[torch.Tensor, bool]], fused: dict[str, tuple[str, int]],
+                 schemes: dict[str, Scheme]) -> dict[str, torch.Tensor]:
+    """The non-trivial group indices by tensor; a fused stack's as [E, row_parts, K] (its members
+    in stack order: expert-major, then gate before up), kept when any member's is non-trivial."""
+    out = {n: g for n, (g, trivial) in groups.items() if n not in fused and not trivial}
+    stacks: dict[str, dict[int, tuple[torch.Tensor, bool]]] = {}
+    for n, (stack, i) in fused.items():
+        if n in groups:
+            stacks.setdefault(stack, {})[i] = groups[n]
+    for stack, members in stacks.items():
+        if all(trivial for _, trivial in members.values()):
+            continue
+        g = torch.stack([members[i][0] for i in sorted(members)])
+        out[stack] = g.reshape(-1, schemes[stack].row_parts, g.shape[-1])
+    return out

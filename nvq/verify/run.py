@@ -63,6 +63,7 @@ class VerifyResult:
             and all(t.ok for t in self.taps)
             and all(w.ok for w in self.weights)
             and bool(self.logits.get("ok", False))
+            and not any(f.serious for f in self.candidate.client_findings)
         )
 
     @property

@@ -141,8 +141,8 @@ def test_v2_and_act_order_g_idx_decode():
 
     tensors = {"qweight": words(codes.t()).t().contiguous(), "qzeros": words(zeros), "scales": scales, "g_idx": g_idx.int()}
     expect = (scales.float()[g_idx] * (codes - zeros[g_idx]).float()).t()
-    assert torch.equal(gptq.dequantize(tensors, "gptq_v2", sym=False), expect)
-    assert torch.equal(gptq.dequantize(tensors, "gptq", sym=False), (scales.float()[g_idx] * (codes - zeros[g_idx] - 1).float()).t())
+    assert torch.equal(gptq.dequantize(tensors, "gptq_v2"), expect)
+    assert torch.equal(gptq.dequantize(tensors, "gptq"), (scales.float()[g_idx] * (codes - zeros[g_idx] - 1).float()).t())
 
 
 def test_transformers_gptq_config_reads_the_fields(rtn_checkpoint):
