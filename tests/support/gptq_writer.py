@@ -4,8 +4,11 @@ nvq's reader is tested against the spec and not against its own writer.
 Round-to-nearest stands in for the GPTQ solver (no calibration): act-order still permutes the
 columns (§4.3 step 4), groups are runs of G *permuted* columns, and g_idx[perm[j]] = j // G
 (step 8); packing follows step 9 and §4.1 (v1 zeros stored as z − 1 by a word-wise subtraction
-of 0x11111111, as GPTQModel does; v2 stores z). Without a Hessian the permutation is a seeded
-random one, which is what argsort(diag H) looks like to a reader.
+of 0x11111111, as GPTQModel does; v2 stores z). Without a Hessian, each column's own
+squared norm stands in for diag H.
+
+`with_salient_channels` makes a dense source whose input channels differ in size, as real models'
+do: there act-order groups channels of like size, and reading a channel in the wrong group shows.
 """
 
 from __future__ import annotations
@@ -45,12 +48,13 @@ def pack_along_rows(v: np.ndarray) -> np.ndarray:
     return words.astype(np.uint32).view(np.int32)
 
 
-def quantize_module(w: np.ndarray, group_size: int, sym: bool, desc_act: bool, fmt: str,
-                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+def quantize_module(w: np.ndarray, group_size: int, sym: bool, desc_act: bool, fmt: str) -> dict[str, np.ndarray]:
     """One Linear weight [N, K] → qweight, qzeros, scales, g_idx (by suffix)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    perm = rng.permutation(k) if desc_act else np.arange(k)  # step 4
+    # step 4 sorts by diag H = Σ x_k²; without calibration, each column's own Σ w² stands in
+    salience = (w.astype(np.float64) ** 2).sum(axis=0)
+    perm = np.argsort(-salience, kind="stable") if desc_act else np.arange(k)
     wp = w[:, perm].astype(np.float32)
     codes_p = np.empty((n, k), dtype=np.int64)
     scales = np.empty((k // g, n), dtype=np.float32)
@@ -74,17 +78,35 @@ def quantize_module(w: np.ndarray, group_size: int, sym: bool, desc_act: bool, f
             "g_idx": g_idx}
 
 
+def decode_spec(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray,
+                fmt: str = "gptq") -> np.ndarray:
+    """§4.1 read per nibble, as llama.cpp's converter does: nibble i of qweight word (r, n) is
+    q[8r+i, n]; nibble i of qzeros word (g, c) is the stored zero of (g, 8c+i), z = stored + 1 in
+    v1 and stored in v2; W[k, n] = scales[g_idx[k], n]·(q − z[g_idx[k], n]). Returns [N, K]."""
+    words = qweight.astype(np.int64) & 0xFFFFFFFF
+    k8, n = words.shape
+    q = np.zeros((k8 * 8, n), dtype=np.int64)
+    for i in range(8):
+        q[i::8, :] = (words >> (4 * i)) & 0xF
+    zw = qzeros.astype(np.int64) & 0xFFFFFFFF
+    groups, n8 = zw.shape
+    z = np.zeros((groups, n8 * 8), dtype=np.int64)
+    for i in range(8):
+        z[:, i::8] = ((zw >> (4 * i)) & 0xF) + (1 if fmt == "gptq" else 0)
+    s = scales.astype(np.float32)
+    return (s[g_idx] * (q - z[g_idx]).astype(np.float32)).T
+
+
 def write_gptq(src: Path, dst: Path, group_size: int = 32, sym: bool = True, desc_act: bool = True,
-               fmt: str = "gptq", seed: int = 0, model_dtype: str | None = None) -> Path:
+               fmt: str = "gptq", model_dtype: str | None = None) -> Path:
     """Every decoder Linear of the dense checkpoint `src` as GPTQ int4 in `dst` (other tensors and
-    side files copied); `model_dtype` overrides config.json's torch_dtype."""
+    side files copied); `model_dtype` overrides config.json's dtype."""
     shutil.copytree(src, dst)
-    rng = np.random.default_rng(seed)
     out = {}
     for name, t in load_file(dst / "model.safetensors").items():
         stem = name.removesuffix(".weight")
         if name.endswith(".weight") and stem.endswith(LINEAR_SUFFIXES):
-            parts = quantize_module(t.float().numpy(), group_size, sym, desc_act, fmt, rng)
+            parts = quantize_module(t.float().numpy(), group_size, sym, desc_act, fmt)
             out |= {f"{stem}.{p}": torch.from_numpy(np.ascontiguousarray(v)) for p, v in parts.items()}
         else:
             out[name] = t
@@ -99,6 +121,17 @@ def write_gptq(src: Path, dst: Path, group_size: int = 32, sym: bool = True, des
         cfg["dtype"] = model_dtype
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def with_salient_channels(src: Path, dst: Path, seed: int = 0, octaves: float = 2.0) -> Path:
+    """A copy of a dense checkpoint whose decoder Linears have every input channel (column)
+    multiplied by 2^u, u uniform in [−octaves, octaves)."""
+    gen = torch.Generator().manual_seed(seed)
+    edits = {}
+    for name in sorted(load_file(src / "model.safetensors")):
+        if name.endswith(".weight") and name.removesuffix(".weight").endswith(LINEAR_SUFFIXES):
+            edits[name] = lambda w: w * 2.0 ** ((torch.rand(w.shape[1], generator=gen) * 2 - 1) * octaves)
+    return edit_tensors(src, dst, edits)
 
 
 def edit_tensors(ckpt: Path, dst: Path, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Path:
