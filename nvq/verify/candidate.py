@@ -15,6 +15,10 @@ checkpoints.
 Besides the tensors, the candidate says per canonical tensor how it was stored (`Scheme`): the
 dense dtype, or the quantization format. The verifier applies that same scheme to the oracle's
 weights to know how much error to expect (ARCHITECTURE decision 5).
+
+GPTQ modules decode as GPTQModel and llama.cpp's converter read them (g_idx and qzeros, formats.md
+§4.1); the candidate also carries their groups where act-order made them other than k // G
+(`group_index`), and where vLLM would read the checkpoint differently (`client_findings`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +34,8 @@ import torch
 from nvq import ops
 from nvq.errors import CheckpointError
 from nvq.formats import e2m1, nvfp4
-from nvq.io.hf import Checkpoint, HFConfig
+from nvq.formats.constants import INT4_SYM_ZERO
+from nvq.io.hf import Checkpoint, HFConfig, load_config
 from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, for_config
 from nvq.models.load import canonical_names
@@ -66,6 +71,37 @@ class Scheme:
 
 
 @dataclass(frozen=True)
+class ClientFinding:
+    """Where a client serves the candidate other than GPTQModel and llama.cpp's converter read it.
+
+    tensor: canonical name ("quantization_config" when the whole checkpoint is concerned).
+    check: short id of the rule ("sym-qzeros", "g_idx-dropped", "act-order-refused", ...).
+    rel_l2: ‖W_client − W‖ / ‖W‖ over the tensor, where the client loads it at all.
+    serious: the client would silently serve other weights (verify fails); otherwise a note.
+    """
+
+    tensor: str
+    client: str
+    check: str
+    what: str
+    rel_l2: float | None
+    serious: bool
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleRead:
+    """A decoded quantized module and what else its tensors say.
+
+    groups: the group of each input column (GPTQ g_idx, int64 [K]); trivial: groups is k // G.
+    """
+
+    weight: torch.Tensor
+    groups: torch.Tensor | None = None
+    trivial: bool = True
+    findings: tuple[ClientFinding, ...] = ()
+
+
+@dataclass(frozen=True)
 class Codec:
     """How one quantized Linear module of a checkpoint format decodes.
 
@@ -79,6 +115,12 @@ class Codec:
     parts: tuple[str, ...]
     decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     optional: tuple[str, ...] = ()  # consumed when present (ModelOpt input_scale: activations)
+    # (module, tensors) → ModuleRead, for formats whose tensors say more than the weight (GPTQ)
+    read: Callable[[str, dict[str, torch.Tensor]], ModuleRead] | None = None
+    findings: tuple[ClientFinding, ...] = ()  # about the whole checkpoint, from its config
+
+    def read_module(self, module: str, tensors: dict[str, torch.Tensor]) -> ModuleRead:
+        return self.read(module, tensors) if self.read else ModuleRead(self.decode(tensors))
 
 
 def _ct_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -118,8 +160,35 @@ MODELOPT_NVFP4 = Codec(
 )
 
 
+# What vLLM 0.33 serves from a GPTQ checkpoint (formats.md §4.2): check → (client, serious).
+# Serious: vLLM loads the checkpoint and silently serves other weights. A refusal is loud, and a
+# scale rounded to the serving dtype is the deployment's precision: notes.
+VLLM = "vLLM 0.33"
+GPTQ_CLIENT_CHECKS = {
+    "sym-qzeros": (VLLM, True),  # sym → type uint4b8: qzeros ignored, zero 8 assumed
+    "g_idx-dropped": (VLLM, True),  # desc_act false → the weight mapper drops .g_idx
+    "act-order-refused": (VLLM, False),  # desc_act true with group_size ≠ −1 raises at load
+    "asym-refused": (VLLM, False),  # only (bits, sym) ∈ {(4, true), (8, true)}
+    "scale-dtype": (VLLM, False),  # fp16 scales cast to the model dtype
+    "v1-zero-overflow": ("GPTQModel", True),  # a v1 zero point 0: GPTQModel and llama.cpp disagree
+}
+# config.json torch_dtype / dtype → the dtype vLLM holds the scales in
+MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _finding(tensor: str, check: str, what: str, rel_l2: float | None = None) -> ClientFinding:
+    client, serious = GPTQ_CLIENT_CHECKS[check]
+    return ClientFinding(tensor, client, check, what, rel_l2, serious)
+
+
+def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    n = ref.double().norm().item()
+    d = (x.double() - ref.double()).norm().item()
+    return d / n if n > 0 else d
+
+
 def _gptq_codec(qc: dict, path: Path) -> Codec:
-    # GPTQ v1 / v2 (formats.md §4.1); sym checkpoints decode with the implicit zero 8, as vLLM does.
+    # GPTQ v1 / v2 (formats.md §4.1), read with g_idx and qzeros as GPTQModel and llama.cpp do.
     bits, group = qc.get("bits"), qc.get("group_size", -1)
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
     if bits != 4 or fmt not in gptq_layout.ZERO_OFFSET or not isinstance(group, int):
@@ -127,14 +196,49 @@ def _gptq_codec(qc: dict, path: Path) -> Codec:
             f"{path}: GPTQ with bits={bits}, format '{fmt}', group_size={group!r} is not one nvq verifies; "
             f"it reads 4-bit {' and '.join(gptq_layout.ZERO_OFFSET)} checkpoints."
         )
-    sym = bool(qc.get("sym", True))
+    sym, desc_act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
+    config = load_config(path)
+    dtype = MODEL_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")))
 
-    def decode(t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return gptq_layout.dequantize(t, fmt, sym)
+    def read(module: str, t: dict[str, torch.Tensor]) -> ModuleRead:
+        m = gptq_layout.unpack(t, fmt)
+        w = m.weight()
+        findings = tuple(_gptq_module_findings(f"{module}.weight", m, w, fmt, sym, desc_act, dtype))
+        return ModuleRead(w, m.g_idx, m.trivial, findings)
 
+    config_findings = []
+    if desc_act and group != -1:
+        config_findings.append(_finding("quantization_config", "act-order-refused",
+                                        f"desc_act true with group_size {group}: vLLM 0.33 refuses to load it"))
+    if not sym:
+        config_findings.append(_finding("quantization_config", "asym-refused",
+                                        "sym false: vLLM 0.33 loads only symmetric GPTQ"))
     # -1: one group per row; the expected-noise model then uses the whole row as the group
-    return Codec(Scheme("gptq", None, 1, group), "qweight", ("qweight", "qzeros", "scales"), decode,
-                 optional=("g_idx",))
+    return Codec(Scheme("gptq", None, 1, group), "qweight", ("qweight", "qzeros", "scales"),
+                 lambda t: read("", t).weight, optional=("g_idx",), read=read, findings=tuple(config_findings))
+
+
+def _gptq_module_findings(tensor: str, m: gptq_layout.GPTQModule, w: torch.Tensor, fmt: str, sym: bool,
+                          desc_act: bool, dtype: torch.dtype | None) -> list[ClientFinding]:
+    """What vLLM (and GPTQModel, where it disagrees with llama.cpp) reads differently in one module."""
+    out = []
+    if sym and bool((m.zero != INT4_SYM_ZERO).any()):
+        out.append(_finding(tensor, "sym-qzeros", f"sym checkpoint whose qzeros are not the implicit "
+                            f"{gptq_layout.IMPLICIT_SYM_WORD[fmt]:#010x}: vLLM assumes zero {INT4_SYM_ZERO} where "
+                            f"GPTQModel and llama.cpp read qzeros", _rel_l2(m.weight(zero=torch.full_like(m.zero, INT4_SYM_ZERO)), w)))
+    if not desc_act and not m.trivial:
+        out.append(_finding(tensor, "g_idx-dropped", "desc_act false but g_idx is not k // G: vLLM drops g_idx "
+                            "and groups consecutive columns", _rel_l2(m.weight(g_idx=m.trivial_g_idx()), w)))
+    if m.gptqmodel_zero is not None:
+        out.append(_finding(tensor, "v1-zero-overflow", "a v1 qzeros nibble 15 (zero point 0, which v1 cannot store): "
+                            "GPTQModel carries it into the next nibble, llama.cpp and nvq read zero 16",
+                            _rel_l2(m.weight(zero=m.gptqmodel_zero), w)))
+    if dtype is not None:
+        cast = _rel_l2(m.weight(scale_dtype=dtype), w)
+        if cast > 0:
+            out.append(_finding(tensor, "scale-dtype", f"vLLM holds the fp16 scales in the model dtype "
+                                f"{str(dtype).removeprefix('torch.')}", cast))
+    return out
 
 
 def _ct_codec(qc: dict, path: Path) -> Codec:
@@ -178,6 +282,11 @@ class Candidate:
     schemes: dict[str, Scheme]  # canonical name → how the candidate stores it
     format: str  # "dense", "compressed-tensors nvfp4-pack-quantized", "modelopt nvfp4", ...
     notes: list[str] = field(default_factory=list)
+    # canonical name → int64 group of each input column, where it is not k // G (GPTQ act-order):
+    # [K] for a 2-D weight, [E, row_parts, K] for a fused expert stack; `.reshape(-1, K)[i]` is the
+    # g_idx of the i-th [N, K] block in the order diff.apply_scheme visits them
+    group_index: dict[str, torch.Tensor] = field(default_factory=dict)
+    client_findings: list[ClientFinding] = field(default_factory=list)
 
     @property
     def quantized(self) -> dict[str, Scheme]:
@@ -242,13 +351,37 @@ class Layout:
                 raise CheckpointError(f"{self.ckpt.path}: the per-expert modules of '{src.name}' differ in shape.") from None
         if src.module is None:
             return self.ckpt.read(src.name).float()
+        return self.read_module(src).weight
+
+    def read_module(self, src: Source) -> ModuleRead:
+        """A quantized leaf decoded, with its groups and client findings (GPTQ)."""
+        names = self.ckpt.tensors
         parts = {p: self.ckpt.read(f"{src.module}.{p}") for p in self.codec.parts}
+        parts |= {p: self.ckpt.read(f"{src.module}.{p}") for p in self.codec.optional if f"{src.module}.{p}" in names}
         try:
-            return self.codec.decode(parts)
+            return self.codec.read_module(src.module, parts)
         except (ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"{self.ckpt.path}: module '{src.module}' does not decode as {self.codec.scheme}: {e}"
             ) from None
+
+    def read_full(self, src: Source) -> ModuleRead:
+        """`read`, plus groups and findings: a stack's groups as [E, row_parts, K] (expert-major,
+        gate before up), trivial only when every member's is."""
+        if src.module is not None:
+            return self.read_module(src)
+        if not src.experts or src.experts[0][0].module is None:
+            return ModuleRead(self.read(src))
+        reads = [[self.read_module(leaf) for leaf in leaves] for leaves in src.experts]
+        try:
+            weight = torch.stack([torch.cat([r.weight for r in rs]) for rs in reads])
+        except RuntimeError:
+            raise CheckpointError(f"{self.ckpt.path}: the per-expert modules of '{src.name}' differ in shape.") from None
+        findings = tuple(f for rs in reads for r in rs for f in r.findings)
+        if any(r.groups is None for rs in reads for r in rs):
+            return ModuleRead(weight, findings=findings)
+        groups = torch.stack([torch.stack([r.groups for r in rs]) for rs in reads])
+        return ModuleRead(weight, groups, all(r.trivial for rs in reads for r in rs), findings)
 
     def read_expert(self, src: Source, e: int) -> torch.Tensor:
         """Expert e of a fused stack: its leaves only, rows concatenated."""
@@ -278,11 +411,32 @@ def open_layout(path: str | Path) -> Layout:
 
 
 def load_candidate(path: str | Path) -> Candidate:
-    """Read a candidate checkpoint directory into canonical float32 tensors and their schemes."""
+    """Read a candidate checkpoint directory into canonical float32 tensors and their schemes,
+    with the groups of act-order GPTQ tensors and what clients would read differently."""
     lay = open_layout(path)
-    tensors = {c: lay.read(src) for c, src in lay.sources.items()}
-    schemes = {c: src.scheme for c, src in lay.sources.items()}
-    return Candidate(lay.ckpt.path, lay.arch, lay.ckpt.config, tensors, schemes, lay.format)
+    cand = Candidate(lay.ckpt.path, lay.arch, lay.ckpt.config, {}, {}, lay.format,
+                     client_findings=list(lay.codec.findings if lay.codec else ()))
+    for c, src in lay.sources.items():
+        read = lay.read_full(src)
+        cand.tensors[c], cand.schemes[c] = read.weight, src.scheme
+        if read.groups is not None and not read.trivial:
+            cand.group_index[c] = read.groups
+        cand.client_findings += _merge_findings([replace(f, tensor=c) for f in read.findings])
+    return cand
+
+
+def _merge_findings(findings: list[ClientFinding]) -> list[ClientFinding]:
+    """One finding per tensor and check (a stack's experts: the largest rel-L2, and how many of
+    its modules had it)."""
+    merged: dict[tuple[str, str], list[ClientFinding]] = {}
+    for f in findings:
+        merged.setdefault((f.tensor, f.check), []).append(f)
+    out = []
+    for fs in merged.values():
+        worst = max(fs, key=lambda f: -1.0 if f.rel_l2 is None else f.rel_l2)
+        what = worst.what if len(fs) == 1 else f"{worst.what} (in {len(fs)} of its expert modules)"
+        out.append(replace(worst, what=what))
+    return out
 
 
 _EXPERT = re.compile(r"(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<part>[a-z_]+)\.weight")

@@ -93,6 +93,12 @@ def build(result) -> dict:
         "seconds": round(result.seconds, 3),
         "candidate_error": result.candidate_error,
         "notes": result.notes,
+        # where a serving client reads the candidate differently; serious ones fail the verdict
+        "client_findings": [
+            {"tensor": f.tensor, "client": f.client, "check": f.check, "what": f.what,
+             "rel_l2": _num(f.rel_l2), "serious": f.serious}
+            for f in c.client_findings
+        ],
     }
 
 
@@ -165,9 +171,26 @@ def to_markdown(cert: dict) -> str:
                      f"{_g(w['expected_rel_l2'])} | {_g(w['limit'])} | {ok} | {w.get('where', '')} | {w.get('hint', '')} |")
     if cert.get("config"):
         lines += ["", "## Config", ""] + [f"- **{d['field']}**: {d['hint']}" for d in cert["config"]]
+    if cert.get("client_findings"):
+        lines += ["", "## Clients", ""] + client_lines(cert["client_findings"])
     if cert.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in cert["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def client_lines(findings: list[dict]) -> list[str]:
+    """Serious findings one by one; notes one line per client and check, with the largest rel-L2."""
+    rel = lambda f: f"rel-L2 {_g(f['rel_l2'])}" if f["rel_l2"] is not None else "not loaded"  # noqa: E731
+    lines = [f"- **{f['client']}** `{f['tensor']}`: {f['what']} ({rel(f)})" for f in findings if f["serious"]]
+    notes: dict[tuple[str, str], list[dict]] = {}
+    for f in findings:
+        if not f["serious"]:
+            notes.setdefault((f["client"], f["check"]), []).append(f)
+    for (client, _), fs in notes.items():
+        worst = max(fs, key=lambda f: f["rel_l2"] or 0.0)
+        where = f"`{worst['tensor']}`" if len(fs) == 1 else f"{len(fs)} tensors, largest `{worst['tensor']}`"
+        lines.append(f"- {client} (note): {worst['what']}; {where} ({rel(worst)})")
+    return lines
 
 
 def to_junit(cert: dict) -> str:
@@ -190,6 +213,9 @@ def to_junit(cert: dict) -> str:
                   f"mean KLD {_g(lg.get('mean_kld'))} > limit {_g(lg.get('limit_mean_kld'))}"))
     if cert.get("candidate_error"):
         cases.append(("nvq.verify", "candidate_forward", False, cert["candidate_error"]))
+    for f in cert.get("client_findings", []):
+        if f["serious"]:
+            cases.append(("nvq.verify.clients", f"{f['client']}: {f['tensor']}", False, f["what"]))
     failures = sum(1 for *_, ok, _ in cases if not ok)
     root = ET.Element("testsuites", tests=str(len(cases)), failures=str(failures))
     suite = ET.SubElement(root, "testsuite", name="nvq verify", tests=str(len(cases)), failures=str(failures),

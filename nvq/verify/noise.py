@@ -42,9 +42,7 @@ def _mxfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: t
 def _gptq_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
     # Round-to-nearest with the candidate's own groups: GPTQ trades a weight error of about this
     # size for a smaller output error, so RTN is the expected band for both.
-    if groups is not None:
-        return int4.dequantize_grouped(int4.quantize_grouped(w, groups), torch.float32)
-    return int4.dequantize(int4.quantize(w, scheme.group_size or -1), torch.float32)
+    return int4.dequantize(int4.quantize(w, scheme.group_size or -1, g_idx=groups), torch.float32)
 
 
 def _dense(dtype: torch.dtype):
@@ -81,7 +79,7 @@ def apply_scheme(
 ) -> torch.Tensor:
     """w as the candidate's scheme would store it. Quantized formats work per 2-D block: per
     expert of a stack, whose gate and up rows share the expert's NVFP4 global scale as nvq and
-    llm-compressor write them. `groups`: the candidate's g_idx ([K], or [E, K] for an expert
+    llm-compressor write them. `groups`: the candidate's g_idx ([K], or [E, parts, K] for an expert
     stack) where it is not k // G; `global_scale`: a fusion group's shared NVFP4 divisor."""
     fn = STORE[scheme.name]
     if not scheme.quantized:
@@ -91,8 +89,12 @@ def apply_scheme(
     if w.dim() == 2:
         return fn(w, scheme, groups, global_scale)
     mats = w.reshape(-1, *w.shape[-2:])
-    per_expert = groups.reshape(-1, groups.shape[-1]) if groups is not None and groups.dim() == 2 else None
-    out = [fn(m, scheme, per_expert[e] if per_expert is not None else groups, None) for e, m in enumerate(mats)]
+    if groups is None:
+        out = [fn(m, scheme, None, None) for m in mats]
+    else:  # [E, parts, K]: each part (gate, up) is its own module with its own g_idx
+        parts = groups.reshape(len(mats), -1, groups.shape[-1])
+        out = [torch.cat([fn(p, scheme, g, None) for p, g in zip(m.chunk(parts.shape[1]), parts[e], strict=True)])
+               for e, m in enumerate(mats)]
     return torch.stack(out).reshape(w.shape)
 
 

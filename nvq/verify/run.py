@@ -31,6 +31,7 @@ from nvq.verify.diff import (
     diff_weights,
     first_divergence,
     logit_stats,
+    weight_layer,
 )
 from nvq.verify.noise import DEFAULT_DRAWS, draws_needed, expected_draw, fusion_groups
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
@@ -74,6 +75,7 @@ class VerifyResult:
             and all(t.ok for t in self.taps)
             and all(w.ok for w in self.weights)
             and bool(self.logits.get("ok", False))
+            and not any(f.serious for f in self.candidate.client_findings)
         )
 
     @property
@@ -183,6 +185,11 @@ def verify(
     logits = _logits(o_run, c_free, e_free, seqs, th)
     order = [n for n, t in o_run.taps.items() if t.is_floating_point()]
     first = first_divergence(taps, weights, order, logits.get("ok", True), structural)
+    serious = [f for f in cand.client_findings if f.serious]
+    if first is None and serious:
+        f = serious[0]
+        first = {"tap": None, "layer": weight_layer(f.tensor), "tensor": f.tensor, "where": None,
+                 "hint": f"{f.client} would serve other weights: {f.what}"}
     if first is None and error is not None:
         first = {"tap": None, "layer": None, "tensor": None, "hint": f"the candidate's forward failed: {error}"}
     notes = [f"candidate tensor '{n}' has no counterpart in the oracle" for n in sorted(set(cand.tensors) - set(orc.tensors))]
