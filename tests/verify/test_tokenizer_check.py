@@ -14,7 +14,14 @@ from nvq.cli import app
 from nvq.io.gguf_tokenizer import NORMAL, UNUSED
 from nvq.io.hf import HFConfig
 from nvq.verify import tokenizer_check
-from tests.support.tiny_models import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_tokenizer, tokenizer_vocab
+from tests.support.tiny_models import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    build_tokenizer,
+    tokenizer_vocab,
+)
 from tests.verify import faults
 
 runner = CliRunner()
