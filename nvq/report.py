@@ -258,14 +258,14 @@ def verify_verdict_line(cert: dict) -> str:
                  else "within the expected-noise band")
         return f"PASS: {len(cert['taps'])} taps and {len(cert['weights'])} weights {level} · {stats}"
     fd = cert["first_divergence"] or {}
-    where = fd.get("tap") or "(no tap)"
+    where = fd.get("tap") or fd.get("field") or "(no tap)"
     if fd.get("tensor"):
         where += f" ({fd['tensor']}{', ' + fd['where'] if fd.get('where') else ''})"
     bad_t = sum(not t["ok"] for t in cert["taps"])
     bad_w = sum(not w["ok"] for w in cert["weights"])
     hint = f": {fd['hint']}" if fd.get("hint") else ""
-    bad_c = len(cert.get("config", []))
-    config = f", {bad_c} config field{'s' if bad_c > 1 else ''}" if bad_c else ""
+    bad_c = sum(not d["ok"] for key in ("config", "tokenizer") for d in cert.get(key, []))
+    config = f", {bad_c} config/tokenizer finding{'s' if bad_c > 1 else ''}" if bad_c else ""
     return f"FAIL at {where}{hint} · {bad_t} taps and {bad_w} weights out of band{config} · {stats}"
 
 

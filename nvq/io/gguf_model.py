@@ -250,6 +250,7 @@ class CanonicalGGUF:
     tensors: dict[str, torch.Tensor]
     storage: dict[str, str]  # canonical name -> ggml type name
     cells: dict[str, Cells]  # canonical name -> cells, for tensors stored lossily
+    metadata: dict  # the GGUF's metadata keys, as read
 
 
 def load_canonical_with_cells(path: str | Path) -> CanonicalGGUF:
@@ -261,7 +262,7 @@ def load_canonical_with_cells(path: str | Path) -> CanonicalGGUF:
         c = model.read_cells(unit)
         if c is not None:
             cells[unit.canonical] = c
-    return CanonicalGGUF(model.arch_name, model.config, tensors, storage, cells)
+    return CanonicalGGUF(model.arch_name, model.config, tensors, storage, cells, dict(model.gguf.metadata))
 
 
 def _plan(gf: GGUFFile, spec: ArchSpec, config: dict) -> tuple[list[Unit], dict[str, str]]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from nvq import __version__
 from nvq.errors import ConfigError
-from nvq.verify.diff import config_hint
 
 LOGIT_KEYS = ("mean_kld", "kld_p99", "kld_p95", "kld_p90", "kld_median", "kld_max",
               "top1_agreement", "rms_dp", "mean_dp", "mean_ln_ppl_ratio", "dp_of", "positions")
@@ -73,10 +72,9 @@ def build(result) -> dict:
              **({"where": w.where} if w.where else {}), **({"hint": w.hint} if w.hint else {})}
             for w in result.weights
         ],
-        "config": [
-            {k: d[k] for k in ("field", "layer", "candidate", "oracle")} | {"ok": False, "hint": config_hint(d)}
-            for d in o.structural_differences
-        ],
+        # every finding: {field, layer, candidate, oracle, verdict ("fail" / "note"), ok, hint, ...}
+        "config": [f.as_dict() for f in result.config_findings],
+        "tokenizer": [f.as_dict() for f in result.tokenizer_findings],
         "inputs": {
             "candidate": {"path": str(c.path), "format": c.format, "architecture": c.arch.model_type,
                           "files": file_hashes(c.path)},
@@ -133,7 +131,7 @@ def divergence_line(cert: dict) -> str:
     fd = cert["first_divergence"]
     if fd is None:
         return "none"
-    where = fd.get("tap") or "(no tap)"
+    where = fd.get("tap") or fd.get("field") or "(no tap)"
     if fd.get("tensor"):
         where += f", tensor `{fd['tensor']}`"
     return where + (f": {fd['hint']}" if fd.get("hint") else "")
@@ -169,8 +167,10 @@ def to_markdown(cert: dict) -> str:
         ok = "bit-exact" if w.get("bit_exact") else _g(w["ok"])
         lines.append(f"| {w['name']} | {w['scheme'] or '—'} | {w.get('oracle_type') or '—'} | {_g(w['rel_l2'])} | "
                      f"{_g(w['expected_rel_l2'])} | {_g(w['limit'])} | {ok} | {w.get('where', '')} | {w.get('hint', '')} |")
-    if cert.get("config"):
-        lines += ["", "## Config", ""] + [f"- **{d['field']}**: {d['hint']}" for d in cert["config"]]
+    for key, title in (("config", "Config"), ("tokenizer", "Tokenizer")):
+        if cert.get(key):
+            lines += ["", f"## {title} (against the GGUF)", ""]
+            lines += [f"- {'**FAIL**' if not d['ok'] else 'note'} `{d['field']}`: {d['hint']}" for d in cert[key]]
     if cert.get("client_findings"):
         lines += ["", "## Clients", ""] + client_lines(cert["client_findings"])
     if cert.get("notes"):
@@ -206,8 +206,12 @@ def to_junit(cert: dict) -> str:
         if w.get("hint"):
             msg += f": {w['hint']}"
         cases.append(("nvq.verify.weights", w["name"], w["ok"], msg))
-    for d in cert.get("config", []):
-        cases.append(("nvq.verify.config", d["field"], d["ok"], d["hint"]))
+    for key in ("config", "tokenizer"):  # one failing testcase per failing finding; notes are no testcases
+        for d in cert.get(key, []):
+            if not d["ok"]:
+                where = f" (layer {d['layer']})" if d.get("layer") is not None else ""
+                where += f" (id {d['token_id']})" if d.get("token_id") is not None else ""
+                cases.append((f"nvq.verify.{key}", d["field"] + where, False, d["hint"]))
     lg = cert["logits"]
     cases.append(("nvq.verify.logits", "mean_kld", lg["ok"],
                   f"mean KLD {_g(lg.get('mean_kld'))} > limit {_g(lg.get('limit_mean_kld'))}"))

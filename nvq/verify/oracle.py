@@ -1,11 +1,11 @@
 """The GGUF oracle and the token ids both sides run on.
 
 Path A of oracle.md §6: the GGUF's tensors are dequantized with gguf-py's arithmetic and read in
-the canonical convention (`nvq.io.gguf_model.load_canonical`: Llama Q/K un-permuted, Gemma-3 norms
-without their +1), then run through the same reference forward as the candidate. Hyper-parameters
-come from the CANDIDATE's config (oracle.md §1: a GGUF lacks some, and llama.cpp's hard-coded
-fallbacks can silently differ); the config the GGUF implies is parsed too, and where the two
-disagree the difference is reported.
+the canonical convention (`nvq.io.gguf_model.GGUFModel`: Llama Q/K un-permuted, Gemma-3 norms
+without their +1), then run through the same reference forward as the candidate. The config the
+GGUF implies is parsed too (`arch_config`); `nvq.verify.config_check` compares it with the
+candidate's and picks the values the oracle forward runs under, and `metadata` keeps the GGUF's
+keys for that and for `nvq.verify.tokenizer_check`.
 
 Token ids come from the candidate's `tokenizer.json` (the `tokenizers` library) over the embedded
 prompt set `nvq/data/prompts.txt` (openings of Austen, Lincoln, Dickens and Melville, all in the
@@ -50,9 +50,9 @@ class Oracle:
     arch_name: str  # nvq.models module ("llama", "gemma3", "gemma4")
     config: dict  # HF-style config the GGUF implies
     tensors: dict[str, torch.Tensor]  # canonical name → float32, HF conventions
-    config_differences: list[dict]  # [{field, layer, candidate, oracle, structural}], parsed configs
     arch_config: Any = None  # the GGUF's own parsed config (None if it does not parse)
     ignored: list[str] = dataclasses.field(default_factory=list)  # tensors the model never reads
+    metadata: dict = dataclasses.field(default_factory=dict)  # the GGUF's metadata keys, as read
     storage: dict[str, str] = dataclasses.field(default_factory=dict)  # canonical name -> ggml type
     cells: dict[str, Cells] = dataclasses.field(default_factory=dict)  # rounding cells of lossy tensors
 
@@ -64,10 +64,6 @@ class Oracle:
             kind = self.storage.get(name, "F32")
             counts[kind] = counts.get(kind, 0) + 1
         return dict(sorted(counts.items()))
-
-    @property
-    def structural_differences(self) -> list[dict]:
-        return [d for d in self.config_differences if d["structural"]]
 
 
 def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
@@ -102,38 +98,13 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
         theirs = for_config(HFConfig(path, config)).config
     except (NvqError, KeyError, ValueError, TypeError):
         theirs = None
-    diffs = [] if theirs is None else config_differences(candidate.arch.config, theirs)
     # e.g. vestigial K/V of Gemma-4 KV-shared layers (gemma4.md §3.1): llama.cpp copies them
     # into the GGUF, but the model never reads them, so no candidate is asked to have them.
     table, arch_config = candidate.arch.table, theirs or candidate.arch.config
     ignored = sorted(n for n in tensors if table.drop_reason(n, arch_config))
     tensors = {n: t for n, t in tensors.items() if n not in ignored}
     cells = {n: c for n, c in gguf.cells.items() if n in tensors}
-    return Oracle(path, arch_name, config, tensors, diffs, theirs, ignored, gguf.storage, cells)
-
-
-def config_differences(ours, theirs) -> list[dict]:
-    """Fields of two parsed configs that differ; per-layer tuples give their first differing
-    layer."""
-    diffs = []
-    for f in dataclasses.fields(ours):
-        a, b = getattr(ours, f.name), getattr(theirs, f.name, None)
-        if a == b:
-            continue
-        layer = None
-        if isinstance(a, tuple) and isinstance(b, tuple):
-            layer = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        diffs.append({"field": f.name, "layer": layer, "candidate": _plain(a), "oracle": _plain(b),
-                      "structural": f.name in STRUCTURAL_FIELDS})
-    return diffs
-
-
-def _plain(x):
-    if dataclasses.is_dataclass(x):
-        return {k: _plain(v) for k, v in dataclasses.asdict(x).items()}
-    if isinstance(x, tuple):
-        return [_plain(v) for v in x]
-    return x
+    return Oracle(path, arch_name, config, tensors, theirs, ignored, gguf.metadata, gguf.storage, cells)
 
 
 # ---------------------------------------------------------------------------------------------

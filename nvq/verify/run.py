@@ -21,7 +21,7 @@ import yaml
 from nvq.errors import ConfigError, RecipeError
 from nvq.quant.pipeline import resolve_device
 from nvq.quant.recipe import load_recipe
-from nvq.verify import certificate
+from nvq.verify import certificate, config_check, findings, tokenizer_check
 from nvq.verify.candidate import Candidate, load_candidate
 from nvq.verify.diff import (
     TapDiff,
@@ -66,12 +66,14 @@ class VerifyResult:
         if not self.passed:
             return "fail"
         return "bit-exact" if self.weights and all(w.bit_exact for w in self.weights) else "within band"
+    config_findings: list[findings.Finding] = field(default_factory=list)
+    tokenizer_findings: list[findings.Finding] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return (
             self.candidate_error is None
-            and not self.oracle.structural_differences
+            and all(f.ok for f in self.config_findings + self.tokenizer_findings)
             and all(t.ok for t in self.taps)
             and all(w.ok for w in self.weights)
             and bool(self.logits.get("ok", False))
@@ -147,19 +149,18 @@ def verify(
     orc = load_oracle(oracle, cand)
     tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens)
     arch, seqs = cand.arch, tokens.sequences
-    structural = orc.structural_differences
-    # The oracle runs under the candidate's hyper-parameters (oracle.md §1), except where the
-    # candidate's config contradicts the shapes of the weights: there the GGUF's values hold.
-    o_arch = arch
-    if structural:
-        fixed = {d["field"]: getattr(orc.arch_config, d["field"]) for d in structural}
-        o_arch = replace(arch, config=replace(arch.config, **fixed))
+    configs = config_check.compare(arch.name, arch.config, orc.arch_config, cand.config, orc.config, orc.metadata)
+    vocab = tokenizer_check.compare(cand.path, cand.config, orc.metadata)
+    # The oracle (and the expected-noise run, the oracle's weights stored the candidate's way) runs
+    # under the GGUF's own values, the candidate's only where the GGUF has none; the candidate
+    # under its own config. So a config bug shows in the taps too.
+    o_arch = replace(arch, config=config_check.oracle_run_config(arch.name, arch.config, orc.arch_config, orc.metadata))
     try:
         o_run = run_forward(o_arch, orc.tensors, seqs, dev, dtype=dtype)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(
-            f"the oracle {orc.path} does not run under the candidate's config ({_one_line(e)}); "
-            f"config differences: {orc.config_differences or 'none found'}."
+            f"the oracle {orc.path} does not run under the config its GGUF implies ({_one_line(e)}); "
+            f"config findings: {[f.message for f in configs] or 'none'}."
         ) from None
     groups = getattr(cand, "group_index", {})
     n_draws = draws_needed(orc.cells, draws)
@@ -184,7 +185,8 @@ def verify(
     del nominal, dithered, expected
     logits = _logits(o_run, c_free, e_free, seqs, th)
     order = [n for n, t in o_run.taps.items() if t.is_floating_point()]
-    first = first_divergence(taps, weights, order, logits.get("ok", True), structural)
+    first = first_divergence(taps, weights, order, logits.get("ok", True))
+    first = findings.first_divergence(first, configs + vocab, order)
     serious = [f for f in cand.client_findings if f.serious]
     if first is None and serious:
         f = serious[0]
@@ -194,11 +196,10 @@ def verify(
         first = {"tap": None, "layer": None, "tensor": None, "hint": f"the candidate's forward failed: {error}"}
     notes = [f"candidate tensor '{n}' has no counterpart in the oracle" for n in sorted(set(cand.tensors) - set(orc.tensors))]
     notes += [f"oracle tensor '{n}' is not compared: the model never reads it" for n in orc.ignored]
-    notes += [f"config field {d['field']}: candidate {d['candidate']!r}, oracle GGUF {d['oracle']!r} (the "
-              f"candidate's value is used; the GGUF may not carry it)" for d in orc.config_differences if not d["structural"]]
+    notes += [f.message for f in configs + vocab if f.verdict == findings.NOTE]
     return VerifyResult(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
-        time.perf_counter() - started, error, notes, precision, n_draws,
+        time.perf_counter() - started, error, notes, precision, n_draws, configs, vocab,
     )
 
 

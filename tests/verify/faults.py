@@ -74,3 +74,34 @@ def full_head_dim_from_sliding(src: Path, dst: Path) -> Path:
     text["global_head_dim"] = text["head_dim"]
     path.write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def config_edited(src: Path, dst: Path, edit) -> Path:
+    """A copy of `src` whose config.json (its text_config where there is one) `edit(cfg)` changes."""
+    shutil.copytree(src, dst)
+    path = dst / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg.get("text_config") or cfg)
+    path.write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def tokenizer_edited(src: Path, dst: Path, tokenizer=None, tokenizer_config=None) -> Path:
+    """A copy of `src` whose tokenizer.json / tokenizer_config.json the given functions change."""
+    shutil.copytree(src, dst)
+    for name, edit in (("tokenizer.json", tokenizer), ("tokenizer_config.json", tokenizer_config)):
+        if edit is not None:
+            path = dst / name
+            data = json.loads(path.read_text(encoding="utf-8"))
+            edit(data)
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    return dst
+
+
+def token_strings_swapped(src: Path, dst: Path, a: int, b: int) -> Path:
+    """tokenizer.json with the strings of ids `a` and `b` exchanged."""
+    def edit(tok):
+        vocab = tok["model"]["vocab"]
+        by_id = {i: t for t, i in vocab.items()}
+        vocab[by_id[a]], vocab[by_id[b]] = b, a
+    return tokenizer_edited(src, dst, tokenizer=edit)

@@ -40,7 +40,8 @@ def certify(tmp_path, candidate, oracle, *extra, code=0):
 
 def check_minimum_fields(cert, candidate, oracle):
     """CLI.md § Certificate, minimum fields."""
-    for key in ("nvq_version", "verdict", "first_divergence", "logits", "taps", "weights", "inputs", "thresholds"):
+    for key in ("nvq_version", "verdict", "first_divergence", "logits", "taps", "weights", "inputs", "thresholds",
+                "config", "tokenizer"):
         assert key in cert, key
     assert cert["verdict"] in ("pass", "fail")
     assert set(cert["logits"]) >= {"mean_kld", "kld_p99", "top1_agreement", "rms_dp"}
@@ -60,16 +61,19 @@ def check_minimum_fields(cert, candidate, oracle):
     if cert["verdict"] == "pass":
         assert cert["first_divergence"] is None
     else:
-        assert set(cert["first_divergence"]) == {"tap", "layer", "tensor", "hint"}
+        # "field" names the config or tokenizer field when a finding is the first divergence
+        assert {"tap", "layer", "tensor", "hint"} <= set(cert["first_divergence"]) <= {"tap", "layer", "tensor", "hint", "field"}
 
 
 def check_junit(text, cert):
     suite = ET.fromstring(text).find("testsuite")
     cases = suite.findall("testcase")
-    assert len(cases) == len(cert["taps"]) + len(cert["weights"]) + 1
+    bad_findings = sum(not d["ok"] for key in ("config", "tokenizer") for d in cert[key])  # one testcase each
+    assert len(cases) == len(cert["taps"]) + len(cert["weights"]) + 1 + bad_findings
     failures = [c for c in cases if c.find("failure") is not None]
     assert int(suite.get("failures")) == len(failures)
-    assert len(failures) == sum(not t["ok"] for t in cert["taps"]) + sum(not w["ok"] for w in cert["weights"]) + (not cert["logits"]["ok"])
+    assert len(failures) == (sum(not t["ok"] for t in cert["taps"]) + sum(not w["ok"] for w in cert["weights"])
+                             + (not cert["logits"]["ok"]) + bad_findings)
 
 
 @pytest.mark.parametrize("model", DENSE)
