@@ -34,7 +34,7 @@ from nvq.quant.pipeline import convert
 from nvq.quant.policy import Unit, build_plan
 from nvq.quant.recipe import load_recipe
 
-__all__ = ["MSE_SHRINK", "VARIANTS", "Variant", "make_variant"]
+__all__ = ["CLEAN_KINDS", "MSE_SHRINK", "VARIANTS", "Variant", "make_clean", "make_variant"]
 
 MSE_SHRINK = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # block scale candidates s·(1 - p)
 
@@ -150,3 +150,30 @@ def make_variant(src: str | Path, dst: str | Path, name: str) -> Path:
         cfg["quantization_config"] = {**_MODELOPT_CONFIG, "ignore": cfg["quantization_config"]["ignore"]}
         path.write_text(json.dumps(cfg, indent=2) + "\n")
     return dst
+
+
+def _nvq(scheme: str, **settings) -> Callable[[Path, Path], Path]:
+    def make(src: Path, dst: Path) -> Path:
+        convert(src, dst, scheme, device="cpu", **settings)
+        return dst
+    return make
+
+
+def _gptq_rtn(src: Path, dst: Path) -> Path:
+    from nvq.quant.gptq_write import GPTQSettings
+
+    return _nvq("gptq", gptq=GPTQSettings(method="rtn"))(src, dst)
+
+
+# Every clean candidate kind: nvq's own outputs, then the third-party variants.
+CLEAN_KINDS: dict[str, Callable[[Path, Path], Path]] = {
+    "nvq-nvfp4": _nvq("nvfp4"),
+    "nvq-mxfp4": _nvq("mxfp4"),
+    "nvq-gptq-rtn": _gptq_rtn,
+    **{name: (lambda src, dst, name=name: make_variant(src, dst, name)) for name in VARIANTS},
+}
+
+
+def make_clean(src: str | Path, dst: str | Path, kind: str) -> Path:
+    """DST = SRC quantized as clean candidate `kind` (a key of CLEAN_KINDS)."""
+    return CLEAN_KINDS[kind](Path(src), Path(dst))
