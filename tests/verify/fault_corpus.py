@@ -78,7 +78,7 @@ def _edit_tensors(src: Path, dst: Path, fn: Callable[[Tensors, Callable[[str], s
     for f in sorted(dst.glob("*.safetensors")):
         tensors = load_file(f)
         prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in tensors) else "model."
-        fn(tensors, lambda stem: prefix + stem)
+        fn(tensors, lambda stem, prefix=prefix: prefix + stem)
         save_file({k: v.contiguous() for k, v in tensors.items()}, f, metadata={"format": "pt"})
     return dst
 
@@ -271,8 +271,7 @@ def _swap_q_k_heads(layer: int):
     """The first KV-width rows of q_proj exchanged with k_proj (a loader that mixed up the two
     projections; the models' q and k differ in width, so only the overlapping heads move)."""
     def edit(t: Tensors, hf):
-        q, k = hf(f"layers.{layer}.self_attn.q_proj"), hf(f"layers.{layer}.self_attn.k_proj")
-        n_k = t[_row_parts(t, k)[0]].shape[0]
+        n_k = t[_row_parts(t, hf(f"layers.{layer}.self_attn.k_proj"))[0]].shape[0]
         swap_rows(f"layers.{layer}.self_attn.q_proj", slice(0, n_k), f"layers.{layer}.self_attn.k_proj",
                   slice(0, n_k))(t, hf)
     return edit
