@@ -3,12 +3,13 @@ by the rest of a large tensor.
 
 A weight is viewed as rows of its input dimension ([experts·N, K] for an expert stack). Per row,
 the candidate's squared error d_r = ‖C_r − O_r‖² is compared with the expected one e_r (the mean
-over the noise draws). A row's error ratio √(d_r / e_r) of a correct candidate scatters around 1 by
-about √(2/K) (sums of K roughly independent squared errors), so a row fails above
+over the noise draws). Legitimate quantizers differ per scale block (a scale search, another
+exponent rule), so a row's error ratio √(d_r / e_r) of a correct candidate scatters around 1 by
+about √(2/B), B the row's scale blocks (K / block size). A row fails above
 
-    factor · √(1 + z_rows · √(2 / K))
+    factor · √(1 + z_rows · √(2 / B))
 
-(`row_limit`); an expert is judged the same way on all its rows (N·K elements). Rows where nothing
+(`row_limit`); an expert is judged the same way on all its rows (N·B blocks). Rows where nothing
 is expected (exact oracle, dense candidate) fail on any difference above the floor.
 """
 
@@ -19,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-Z_ROWS = 4.0  # spread allowance; measured row ratios of clean NVFP4 candidates stay under 1 + 2.3·√(2/K)
+# spread allowance: against Q8_0 / Q4_0 oracles, clean NVFP4 rows stay under 1 + 2.3·√(2/K) and
+# MXFP4 with the OCP floor rule reaches 1.67× on a 2-block row (1 + 0.9·√(2/B) in squares)
+Z_ROWS = 4.0
 
 
 @dataclass
@@ -63,18 +66,21 @@ def local_damage(
     expected_sq_rows: torch.Tensor,
     factor: float,
     floor: float,
+    block: int = 1,
 ) -> LocalDamage:
     """Rows and experts of `candidate` whose error exceeds their band. `expected_sq_rows` is the
-    mean over draws of ‖E_r − O_r‖² per row of the 2-D view; `floor` is a rel-L2 floor."""
+    mean over draws of ‖E_r − O_r‖² per row of the 2-D view; `floor` is a rel-L2 floor; `block`
+    the elements per scale of the candidate's scheme (1 for dense)."""
     if oracle.dim() < 2 or oracle.numel() == 0:
         return LocalDamage()
     k = oracle.shape[-1]
+    blocks = max(k // max(block, 1), 1)
     c, o = candidate.double().reshape(-1, k), oracle.double().reshape(-1, k)
     d = (c - o).pow(2).sum(-1)
     ref = o.pow(2).sum(-1)
     e = expected_sq_rows.double().reshape(-1)
     scale = ref.mean().clamp(min=1e-300)  # a row of zeros gets the floor of an average row
-    allowed = row_limit(factor, k) ** 2 * e + floor**2 * torch.maximum(ref, scale)
+    allowed = row_limit(factor, blocks) ** 2 * e + floor**2 * torch.maximum(ref, scale)
     bad = torch.nonzero(d > allowed).flatten().tolist()
     ratio = (d / (e + floor**2 * torch.maximum(ref, scale))).sqrt()
     out = LocalDamage(rows=bad, rows_total=int(o.shape[0]))
@@ -84,7 +90,7 @@ def local_damage(
     if oracle.dim() == 3:
         n_exp = oracle.shape[0]
         de, ee, re_ = d.reshape(n_exp, -1).sum(-1), e.reshape(n_exp, -1).sum(-1), ref.reshape(n_exp, -1).sum(-1)
-        per = oracle.shape[1] * k
+        per = oracle.shape[1] * blocks
         allowed_e = row_limit(factor, per) ** 2 * ee + floor**2 * torch.maximum(re_, scale * oracle.shape[1])
         out.experts = torch.nonzero(de > allowed_e).flatten().tolist()
         ratio_e = (de / (ee + floor**2 * torch.maximum(re_, scale * oracle.shape[1]))).sqrt()

@@ -229,13 +229,24 @@ def diff_weight(
     if not exact and ref.dim() >= 2:
         k = ref.shape[-1]
         sq = torch.stack([(d.double() - ref.double()).reshape(-1, k).pow(2).sum(-1) for d in draws]).mean(0)
-        damage = local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor)
+        damage = local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor, scale_block(scheme, k))
     ok = exact or (err <= limit and not damage.found)
     hint = where = None
     if not ok:
         hint = weight_hint(Evidence(name, got, ref, limit, oracle, damage))
         where = damage.describe(ref.shape[1] if ref.dim() == 3 else None) or None
     return WeightDiff(name, layer, label, err, mean_exp, limit, ok, hint, oracle_type, exact, where)
+
+
+def scale_block(scheme: Scheme | None, k: int) -> int:
+    """Elements that share one scale along a row in the candidate's scheme (1: dense)."""
+    from nvq.verify.noise import BLOCK
+
+    if scheme is None or not scheme.quantized:
+        return 1
+    if scheme.name == "gptq":
+        return k if (scheme.group_size or -1) <= 0 else scheme.group_size
+    return BLOCK.get(scheme.name, 1)
 
 
 def weight_order(names) -> list[str]:
