@@ -63,3 +63,35 @@ def test_smollm2_gptq_kld_is_at_most_085_of_rtn_at_the_same_group_size(smol, tmp
         print(method, f"KLD {lg['mean_kld']:.3g} (expected for RTN {lg['expected']['mean_kld']:.3g}), "
               f"top-1 {lg['top1_agreement']:.3f}, convert {summary.seconds:.1f} s")
     assert klds["gptq"] <= 0.85 * klds["rtn"], klds
+
+
+@pytest.fixture(scope="module")
+def smol_q8_0(smol):
+    """A lossy oracle the candidate was not made from: llama.cpp's converter turns the bf16
+    checkpoint into Q8_0, as a user would make one from the original release."""
+    from tests.support.llamacpp import convert_to_gguf
+
+    _, root = smol
+    return convert_to_gguf(root / "bf16", root / "smollm2-q8_0.gguf", outtype="q8_0")
+
+
+def test_smollm2_nvfp4_passes_against_a_q8_0_gguf_of_the_original_and_a_zeroed_row_fails(smol, smol_q8_0, tmp_path):
+    _, root = smol
+    cand = root / "nvfp4-for-q8"
+    convert(root / "bf16", cand, "nvfp4", device="cpu")
+    out = tmp_path / "clean.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(smol_q8_0), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    cert = json.loads(out.read_text())
+    assert cert["inputs"]["oracle"]["storage"].get("Q8_0", 0) > 200 and not cert["inputs"]["oracle"]["exact"]
+    lg = cert["logits"]
+    print(f"vs Q8_0: KLD {lg['mean_kld']:.3g} (expected {lg['expected']['mean_kld']:.3g}, limit "
+          f"{lg['limit_mean_kld']:.3g}), top-1 {lg['top1_agreement']:.3f}, {cert['seconds']:.1f} s")
+    from tests.verify.fault_corpus import _edit_tensors, zero_rows
+
+    bad = _edit_tensors(cand, tmp_path / "bad", zero_rows("layers.7.mlp.down_proj", slice(100, 101)))
+    out = tmp_path / "bad.json"
+    result = runner.invoke(app, ["verify", str(bad), "--oracle", str(smol_q8_0), "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    fd = json.loads(out.read_text())["first_divergence"]
+    assert fd["tensor"] == "blk.7.ffn_down.weight" and "100" in (fd.get("where") or ""), fd
