@@ -148,6 +148,25 @@ class GGUFModel:
             x = self.gguf.read_rows(unit.source, first + a, first + b)
         return self._fix(unit, x)[start - a : stop - a]
 
+    def read_cell_rows(self, unit: Unit, start: int, stop: int) -> Cells | None:
+        """`read_cells` of rows [start, stop) of the unit's 2-D view only."""
+        if is_exact(self.storage(unit)):
+            return None
+        info = self.gguf.info(unit.source)
+        if len(info.ne) == 1:
+            cells = self.read_cells(unit)
+            return None if cells is None else Cells(cells.lower.reshape(-1)[start:stop],
+                                                    cells.upper.reshape(-1)[start:stop], cells.approximate)
+        first = unit.rows[0]
+        group = unit.fix.transform.group_rows(unit.dims) if unit.fix else 1
+        a, b = start - start % group, min(-(-stop // group) * group, unit.rows[1] - first)
+        cells = read_cells(self.gguf, unit.source, first + a, first + b,
+                           self.gguf.read_rows(unit.source, first + a, first + b))
+        lower, upper = cells.lower, cells.upper
+        if unit.fix is not None and isinstance(unit.fix.transform, Unpermute):
+            lower, upper = unit.fix.transform(lower, unit.dims), unit.fix.transform(upper, unit.dims)
+        return Cells(lower[start - a : stop - a], upper[start - a : stop - a], cells.approximate)
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for unit in self.units:
             yield unit.canonical, self.read(unit)
@@ -212,6 +231,15 @@ class GGUFSource(Mapping[str, torch.Tensor]):
     def cells(self, name: str) -> Cells | None:
         """Rounding cells of the tensor's values (None when stored exactly)."""
         return self.model.read_cells(self.unit(name))
+
+    def cell_rows(self, name: str, start: int, stop: int) -> Cells | None:
+        """Rounding cells of rows [start, stop) of the tensor's 2-D view."""
+        return self.model.read_cell_rows(self.unit(name), start, stop)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether any tensor is stored in a type that rounds (has cells)."""
+        return any(not is_exact(self.storage(n)) for n in self)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any order, repeats allowed) of a 2-D tensor, reading only those rows."""

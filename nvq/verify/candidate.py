@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -278,7 +278,7 @@ class Candidate:
     path: Path
     arch: Architecture
     config: HFConfig
-    tensors: dict[str, torch.Tensor]  # canonical name → float32
+    tensors: Mapping[str, torch.Tensor]  # canonical name → float32 (a dict, or a lazy source)
     schemes: dict[str, Scheme]  # canonical name → how the candidate stores it
     format: str  # "dense", "compressed-tensors nvfp4-pack-quantized", "modelopt nvfp4", ...
     notes: list[str] = field(default_factory=list)
@@ -421,11 +421,11 @@ def load_candidate(path: str | Path) -> Candidate:
         cand.tensors[c], cand.schemes[c] = read.weight, src.scheme
         if read.groups is not None and not read.trivial:
             cand.group_index[c] = read.groups
-        cand.client_findings += _merge_findings([replace(f, tensor=c) for f in read.findings])
+        cand.client_findings += merge_findings([replace(f, tensor=c) for f in read.findings])
     return cand
 
 
-def _merge_findings(findings: list[ClientFinding]) -> list[ClientFinding]:
+def merge_findings(findings: list[ClientFinding]) -> list[ClientFinding]:
     """One finding per tensor and check (a stack's experts: the largest rel-L2, and how many of
     its modules had it)."""
     merged: dict[tuple[str, str], list[ClientFinding]] = {}

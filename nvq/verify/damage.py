@@ -74,26 +74,39 @@ def local_damage(
     if oracle.dim() < 2 or oracle.numel() == 0:
         return LocalDamage()
     k = oracle.shape[-1]
-    blocks = max(k // max(block, 1), 1)
     c, o = candidate.double().reshape(-1, k), oracle.double().reshape(-1, k)
     d = (c - o).pow(2).sum(-1)
     ref = o.pow(2).sum(-1)
-    e = expected_sq_rows.double().reshape(-1)
+    experts = oracle.shape[0] if oracle.dim() == 3 else None
+    return local_damage_from_sums(d, expected_sq_rows, ref, experts, factor, floor, max(k // max(block, 1), 1))
+
+
+def local_damage_from_sums(
+    d: torch.Tensor,
+    e: torch.Tensor,
+    ref: torch.Tensor,
+    experts: int | None,
+    factor: float,
+    floor: float,
+    blocks: int,
+) -> LocalDamage:
+    """`local_damage` from per-row sums: d = ‖C_r − O_r‖², e = expected ‖E_r − O_r‖², ref =
+    ‖O_r‖² (what the streamed verifier accumulates over row blocks); `blocks` scale blocks a row."""
+    d, e, ref = d.double().reshape(-1).cpu(), e.double().reshape(-1).cpu(), ref.double().reshape(-1).cpu()
     scale = ref.mean().clamp(min=1e-300)  # a row of zeros gets the floor of an average row
-    allowed = row_limit(factor, blocks) ** 2 * e + floor**2 * torch.maximum(ref, scale)
-    bad = torch.nonzero(d > allowed).flatten().tolist()
-    ratio = (d / (e + floor**2 * torch.maximum(ref, scale))).sqrt()
-    out = LocalDamage(rows=bad, rows_total=int(o.shape[0]))
+    slack = floor**2 * torch.maximum(ref, scale)
+    bad = torch.nonzero(d > row_limit(factor, blocks) ** 2 * e + slack).flatten().tolist()
+    ratio = (d / (e + slack)).sqrt()
+    out = LocalDamage(rows=bad, rows_total=int(d.numel()))
     if ratio.numel():
         out.worst_row = int(ratio.argmax())
         out.worst_row_ratio = float(ratio.max())
-    if oracle.dim() == 3:
-        n_exp = oracle.shape[0]
-        de, ee, re_ = d.reshape(n_exp, -1).sum(-1), e.reshape(n_exp, -1).sum(-1), ref.reshape(n_exp, -1).sum(-1)
-        per = oracle.shape[1] * blocks
-        allowed_e = row_limit(factor, per) ** 2 * ee + floor**2 * torch.maximum(re_, scale * oracle.shape[1])
-        out.experts = torch.nonzero(de > allowed_e).flatten().tolist()
-        ratio_e = (de / (ee + floor**2 * torch.maximum(re_, scale * oracle.shape[1]))).sqrt()
+    if experts:
+        per = d.numel() // experts
+        de, ee, re_ = (x.reshape(experts, -1).sum(-1) for x in (d, e, ref))
+        slack_e = floor**2 * torch.maximum(re_, scale * per)
+        out.experts = torch.nonzero(de > row_limit(factor, per * blocks) ** 2 * ee + slack_e).flatten().tolist()
+        ratio_e = (de / (ee + slack_e)).sqrt()
         out.worst_expert = int(ratio_e.argmax())
         out.worst_expert_ratio = float(ratio_e.max())
     return out

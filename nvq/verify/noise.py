@@ -98,8 +98,27 @@ def apply_scheme(
     return torch.stack(out).reshape(w.shape)
 
 
-def plausible_original(values: torch.Tensor, cells: Cells, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(values.shape, generator=generator, dtype=torch.float32)
+_MIX = (-4658895280553007687, -7723592293110705685)  # splitmix64's multipliers as int64
+
+
+def uniform_field(seed: int, first_row: int, shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """U[0, 1) per element, a pure function of (seed, flat position): any row block of a tensor
+    draws exactly what the whole tensor would, on any device (the streamed verifier reads
+    embeddings and LM heads in row blocks)."""
+    row = shape[-1] if len(shape) > 1 else 1
+    n = 1
+    for d in shape:
+        n *= d
+    x = torch.arange(n, dtype=torch.int64, device=device) + first_row * row
+    x = x ^ seed
+    for mul, shift in ((_MIX[0], 30), (_MIX[1], 27)):
+        x = (x ^ (x >> shift)) * mul
+    x = x ^ (x >> 31)
+    return ((x & 0xFFFFFF).float() * (1.0 / (1 << 24))).reshape(shape)
+
+
+def plausible_original(values: torch.Tensor, cells: Cells, seed: int, first_row: int = 0) -> torch.Tensor:
+    u = uniform_field(seed, first_row, tuple(values.shape), values.device)
     return values.float() + cells.lower + cells.width() * u
 
 
@@ -107,12 +126,14 @@ def draw_seed(name: str, draw: int, seed: int = 0) -> int:
     return zlib.crc32(f"{seed}:{draw}:{name}".encode())
 
 
-def original_draw(name: str, oracle: torch.Tensor, cells: Cells | None, draw: int, dtype: torch.dtype) -> torch.Tensor:
-    """Draw `draw` of the original behind an oracle tensor, in the candidate's source dtype.
-    Draw 0 is nominal: the oracle's values themselves."""
+def original_draw(
+    name: str, oracle: torch.Tensor, cells: Cells | None, draw: int, dtype: torch.dtype, first_row: int = 0
+) -> torch.Tensor:
+    """Draw `draw` of the original behind an oracle tensor (or of its rows from `first_row` on),
+    in the candidate's source dtype. Draw 0 is nominal: the oracle's values themselves."""
     w = oracle.float()
     if draw > 0 and cells is not None:
-        w = plausible_original(w, cells, torch.Generator().manual_seed(draw_seed(name, draw)))
+        w = plausible_original(w, cells, draw_seed(name, draw), first_row)
     return w.to(dtype)
 
 

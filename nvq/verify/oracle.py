@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from nvq.errors import ConfigError, NvqError
-from nvq.io.gguf_cells import Cells
-from nvq.io.gguf_model import load_canonical_with_cells
+from nvq.io.gguf_cells import is_exact
+from nvq.io.gguf_model import GGUFSource
 from nvq.io.hf import HFConfig
 from nvq.io.tokenizer import load_tokenizer
 from nvq.models import for_config
 from nvq.verify.candidate import Candidate
+from nvq.verify.sources import shape_of
 
 DEFAULT_MAX_TOKENS = 128
 TOKEN_SEED = 0  # --tokens N draws from torch.Generator().manual_seed(TOKEN_SEED)
@@ -49,12 +50,16 @@ class Oracle:
     path: Path
     arch_name: str  # nvq.models module ("llama", "gemma3", "gemma4")
     config: dict  # HF-style config the GGUF implies
-    tensors: dict[str, torch.Tensor]  # canonical name → float32, HF conventions
+    tensors: GGUFSource  # canonical name → float32, HF conventions, read on access
     arch_config: Any = None  # the GGUF's own parsed config (None if it does not parse)
     ignored: list[str] = dataclasses.field(default_factory=list)  # tensors the model never reads
     metadata: dict = dataclasses.field(default_factory=dict)  # the GGUF's metadata keys, as read
     storage: dict[str, str] = dataclasses.field(default_factory=dict)  # canonical name -> ggml type
-    cells: dict[str, Cells] = dataclasses.field(default_factory=dict)  # rounding cells of lossy tensors
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the GGUF rounds any compared tensor (its own storage noise enters the band)."""
+        return any(not is_exact(t) for t in self.storage.values())
 
     @property
     def exactness(self) -> dict[str, int]:
@@ -72,19 +77,20 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"oracle {path} does not exist or is not a file; --oracle takes a .gguf file.")
-    gguf = load_canonical_with_cells(path)
-    arch_name, config, tensors = gguf.arch_name, gguf.config, gguf.tensors
+    gguf = GGUFSource.open(path)
+    arch_name, config = gguf.arch_name, gguf.config
     if arch_name != candidate.arch.name:
         raise ConfigError(
             f"oracle {path} is a {arch_name} model but the candidate {candidate.path} is "
             f"{candidate.arch.name}; verify needs a GGUF of the same model."
         )
-    ours, theirs = candidate.tensors["token_embd.weight"], tensors.get("token_embd.weight")
-    if theirs is None or tuple(theirs.shape) != tuple(ours.shape):
-        got = "none" if theirs is None else "×".join(map(str, theirs.shape))
+    ours = shape_of(candidate.tensors, "token_embd.weight")
+    theirs = gguf.shape("token_embd.weight") if "token_embd.weight" in gguf else None
+    if theirs is None or tuple(theirs) != ours:
+        got = "none" if theirs is None else "×".join(map(str, theirs))
         raise ConfigError(
             f"oracle {path} has a token embedding of {got} but the candidate's is "
-            f"{'×'.join(map(str, ours.shape))}: the vocabularies (or widths) differ, so this GGUF "
+            f"{'×'.join(map(str, ours))}: the vocabularies (or widths) differ, so this GGUF "
             f"is not an oracle for this model."
         )
     for key in ("num_hidden_layers", "hidden_size"):
@@ -101,10 +107,10 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
     # e.g. vestigial K/V of Gemma-4 KV-shared layers (gemma4.md §3.1): llama.cpp copies them
     # into the GGUF, but the model never reads them, so no candidate is asked to have them.
     table, arch_config = candidate.arch.table, theirs or candidate.arch.config
-    ignored = sorted(n for n in tensors if table.drop_reason(n, arch_config))
-    tensors = {n: t for n, t in tensors.items() if n not in ignored}
-    cells = {n: c for n, c in gguf.cells.items() if n in tensors}
-    return Oracle(path, arch_name, config, tensors, theirs, ignored, gguf.metadata, gguf.storage, cells)
+    ignored = sorted(n for n in gguf if table.drop_reason(n, arch_config))
+    tensors = GGUFSource(gguf.model, exclude=ignored)
+    storage = {n: tensors.storage(n) for n in tensors}
+    return Oracle(path, arch_name, config, tensors, theirs, ignored, dict(gguf.model.gguf.metadata), storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +144,7 @@ def token_ids(
     given = [x for x in (prompt, prompt_file, n_tokens) if x is not None]
     if len(given) > 1:
         raise ConfigError("--prompt, --prompt-file and --tokens exclude each other; give at most one.")
-    vocab = int(candidate.tensors["token_embd.weight"].shape[0])
+    vocab = int(shape_of(candidate.tensors, "token_embd.weight")[0])
     if n_tokens is not None:
         if n_tokens < 2:
             raise ConfigError(f"--tokens {n_tokens}: at least 2 tokens are needed (one prediction).")

@@ -9,8 +9,8 @@ layer (nvq.verify.taps), so each layer's error is its own.
 
 from __future__ import annotations
 
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -22,20 +22,18 @@ from nvq.errors import ConfigError, RecipeError
 from nvq.quant.pipeline import resolve_device
 from nvq.quant.recipe import load_recipe
 from nvq.verify import certificate, config_check, findings, tokenizer_check
-from nvq.verify.candidate import Candidate, load_candidate
+from nvq.verify.candidate import Candidate
 from nvq.verify.diff import (
     TapDiff,
     Thresholds,
     WeightDiff,
-    diff_taps,
-    diff_weights,
     first_divergence,
-    logit_stats,
     weight_layer,
 )
-from nvq.verify.noise import DEFAULT_DRAWS, draws_needed, expected_draw, fusion_groups
+from nvq.verify.engine import stream_verify
+from nvq.verify.noise import DEFAULT_DRAWS, fusion_groups
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
-from nvq.verify.taps import ForwardRun, run_forward
+from nvq.verify.sources import open_candidate
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 FACTORS = ("weight_factor", "tap_factor", "kld_factor")  # what --factor X sets
@@ -58,6 +56,9 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     precision: str = "fp32"  # of the reference forwards
     draws: int = 0  # dithered expected-noise draws (0: the oracle is exact, one nominal draw)
+    config_findings: list[findings.Finding] = field(default_factory=list)
+    tokenizer_findings: list[findings.Finding] = field(default_factory=list)
+    resources: dict = field(default_factory=dict)  # peak host RSS and GPU memory, in bytes
 
     @property
     def level(self) -> str:
@@ -66,8 +67,6 @@ class VerifyResult:
         if not self.passed:
             return "fail"
         return "bit-exact" if self.weights and all(w.bit_exact for w in self.weights) else "within band"
-    config_findings: list[findings.Finding] = field(default_factory=list)
-    tokenizer_findings: list[findings.Finding] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -138,6 +137,7 @@ def verify(
     teacher_forced: bool = False,
     precision: str = "fp32",
     draws: int = DEFAULT_DRAWS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyResult:
     started = time.perf_counter()
     if precision not in PRECISIONS:
@@ -145,7 +145,7 @@ def verify(
     dtype = PRECISIONS[precision]
     th = thresholds or Thresholds()
     dev = resolve_device(device)
-    cand = load_candidate(candidate)
+    cand = open_candidate(candidate)
     orc = load_oracle(oracle, cand)
     tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens)
     arch, seqs = cand.arch, tokens.sequences
@@ -155,36 +155,18 @@ def verify(
     # under the GGUF's own values, the candidate's only where the GGUF has none; the candidate
     # under its own config. So a config bug shows in the taps too.
     o_arch = replace(arch, config=config_check.oracle_run_config(arch.name, arch.config, orc.arch_config, orc.metadata))
+    n_draws = draws if orc.lossy else 0
+    fusion = fusion_groups(cand.arch.table, list(orc.tensors))
     try:
-        o_run = run_forward(o_arch, orc.tensors, seqs, dev, dtype=dtype)
+        res = stream_verify(o_arch, arch, orc.tensors, cand.tensors, cand.schemes, fusion, cand.group_index,
+                            _source_dtype(cand), n_draws, seqs, dev, dtype, th, teacher_forced, progress)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"the oracle {orc.path} does not run under the config its GGUF implies ({_one_line(e)}); "
             f"config findings: {[f.message for f in configs] or 'none'}."
         ) from None
-    groups = getattr(cand, "group_index", {})
-    n_draws = draws_needed(orc.cells, draws)
-    fusion = fusion_groups(cand.arch.table, orc.tensors)
-    source_dtype = _source_dtype(cand)
-
-    def draw(k: int) -> dict[str, torch.Tensor]:
-        return expected_draw(orc.tensors, cand.schemes, orc.cells, k, source_dtype, fusion, groups)
-
-    nominal = draw(0)
-    dithered = [draw(k) for k in range(1, n_draws + 1)]
-    # With a lossy oracle the band comes from the dithered draws; else from the nominal one.
-    expected = dithered or [nominal]
-    force = o_run if teacher_forced else None
-    e_runs = [run_forward(o_arch, e, seqs, dev, force=force, dtype=dtype) for e in expected]
-    c_run, error = _try_forward(arch, cand.tensors, seqs, dev, force, dtype)
-    # Logit statistics always describe the model as it runs (free-running), in both modes.
-    e_free = [run_forward(o_arch, e, seqs, dev, dtype=dtype) for e in expected] if teacher_forced else e_runs
-    c_free = _try_forward(arch, cand.tensors, seqs, dev, None, dtype)[0] if teacher_forced and c_run else c_run
-    taps = diff_taps(o_run, c_run, e_runs, th) if c_run is not None else []
-    weights = diff_weights(cand.tensors, orc.tensors, cand.schemes, th, nominal, dithered, orc.storage)
-    del nominal, dithered, expected
-    logits = _logits(o_run, c_free, e_free, seqs, th)
-    order = [n for n, t in o_run.taps.items() if t.is_floating_point()]
+    taps, weights, logits, error = res.taps, res.weights, res.logits, res.candidate_error
+    order = res.order
     first = first_divergence(taps, weights, order, logits.get("ok", True))
     first = findings.first_divergence(first, configs + vocab, order)
     serious = [f for f in cand.client_findings if f.serious]
@@ -200,7 +182,16 @@ def verify(
     return VerifyResult(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
         time.perf_counter() - started, error, notes, precision, n_draws, configs, vocab,
+        resources=_resources(res.peak_gpu_bytes),
     )
+
+
+def _resources(peak_gpu_bytes: int) -> dict:
+    """Peak host memory of this process (ru_maxrss, KiB on Linux) and of the GPU, in bytes."""
+    import resource
+
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_gpu_bytes": int(peak_gpu_bytes)}
 
 
 def _source_dtype(cand: Candidate) -> torch.dtype:
@@ -210,26 +201,6 @@ def _source_dtype(cand: Candidate) -> torch.dtype:
         if dense == {name}:
             return dtype
     return torch.float32
-
-
-def _try_forward(arch, tensors, seqs, dev, force, dtype) -> tuple[ForwardRun | None, str | None]:
-    """The candidate's forward, or why it could not run (a missing or misshapen tensor)."""
-    try:
-        return run_forward(arch, tensors, seqs, dev, force=force, dtype=dtype), None
-    except (KeyError, RuntimeError, ValueError) as e:
-        return None, _one_line(e)
-
-
-def _logits(o_run, c_run, e_runs, seqs, th: Thresholds) -> dict:
-    draws = [logit_stats(o_run.logits, e.logits, seqs) for e in e_runs]
-    expected = {k: statistics.fmean(d[k] for d in draws) if isinstance(draws[0][k], float) else draws[0][k]
-                for k in draws[0]}
-    expected["mean_kld_draws"] = [d["mean_kld"] for d in draws]
-    if c_run is None:
-        return {"ok": False, "expected": expected}
-    stats = logit_stats(o_run.logits, c_run.logits, seqs)
-    limit = th.kld_limit(expected["mean_kld_draws"])
-    return {**stats, "expected": expected, "limit_mean_kld": limit, "ok": stats["mean_kld"] <= limit}
 
 
 def _one_line(e: BaseException) -> str:

@@ -12,12 +12,13 @@ decoded from that expert's modules only). The GGUF counterpart is `nvq.io.gguf_m
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nvq.io.rows import read_row_set
-from nvq.verify.candidate import Layout, Scheme, Source, open_layout
+from nvq.verify.candidate import Candidate, Layout, Scheme, Source, merge_findings, open_layout
 
 
 class CandidateSource(Mapping[str, torch.Tensor]):
@@ -64,6 +65,13 @@ class CandidateSource(Mapping[str, torch.Tensor]):
     def storage(self, name: str) -> Scheme:
         return self.source(name).scheme
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the headers where it is stored dense (else by decoding it)."""
+        src = self.source(name)
+        if self._dense_leaf(src):
+            return tuple(self.layout.ckpt.info(src.name).shape)
+        return tuple(self[name].shape)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.layout.read(self.source(name))
 
@@ -107,3 +115,28 @@ class CandidateSource(Mapping[str, torch.Tensor]):
     @staticmethod
     def _dense_leaf(src: Source) -> bool:
         return src.module is None and not src.experts
+
+
+def shape_of(tensors, name: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it where the mapping is a lazy source."""
+    shape = getattr(tensors, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(tensors[name].shape)
+
+
+def open_candidate(path: str | Path) -> Candidate:
+    """A candidate whose tensors are a `CandidateSource` (read on access). Group indices and client
+    findings of quantized modules whose codec reports them (GPTQ) are gathered module by module,
+    keeping none of the weights."""
+    source = CandidateSource.open(path)
+    lay = source.layout
+    cand = Candidate(lay.ckpt.path, lay.arch, lay.ckpt.config, source, source.schemes, lay.format,
+                     client_findings=list(lay.codec.findings if lay.codec else ()))
+    if lay.codec is not None and lay.codec.read is not None:
+        for c, src in lay.sources.items():
+            if not src.scheme.quantized:
+                continue
+            read = lay.read_full(src)
+            if read.groups is not None and not read.trivial:
+                cand.group_index[c] = read.groups
+            cand.client_findings += merge_findings([replace(f, tensor=c) for f in read.findings])
+    return cand
