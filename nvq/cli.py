@@ -187,10 +187,11 @@ def verify(
     from nvq.verify.run import load_thresholds, run
 
     def job():
-        return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
-                   n_tokens=tokens, max_tokens=max_tokens, device=device.value,
-                   thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
-                   precision="fp64" if fp64 else "fp32", draws=draws)
+        with report.stage_progress(enabled=sys.stderr.isatty()) as progress:
+            return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
+                       n_tokens=tokens, max_tokens=max_tokens, device=device.value,
+                       thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
+                       precision="fp64" if fp64 else "fp32", draws=draws, progress=progress)
 
     cert = _guard(job)
     report.print_verify(cert)

@@ -62,6 +62,20 @@ def layer_progress(enabled: bool = True) -> Iterator:
         yield done
 
 
+@contextlib.contextmanager
+def stage_progress(enabled: bool = True) -> Iterator:
+    """A progress bar over the verifier's stages (the embedding, then each layer); yields the
+    callback the engine calls with (stages done, stages in all)."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("[bold]verify layers"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("verify", total=None)
+        yield lambda done, total: bar.update(task, total=total, completed=done)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

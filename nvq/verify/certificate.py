@@ -79,7 +79,7 @@ def build(result) -> dict:
             "candidate": {"path": str(c.path), "format": c.format, "architecture": c.arch.model_type,
                           "files": file_hashes(c.path)},
             "oracle": {"path": str(o.path), "sha256": sha256_file(o.path), "storage": o.exactness,
-                       "exact": not o.cells, "noise_draws": result.draws},
+                       "exact": not o.lossy, "noise_draws": result.draws},
             "tokens": {"source": tokens.source, "count": tokens.count,
                        "sequences": [int(s.numel()) for s in tokens.sequences],
                        "sha256": hashlib.sha256(ids).hexdigest()},
@@ -89,6 +89,7 @@ def build(result) -> dict:
         "device": result.device,
         "precision": result.precision,
         "seconds": round(result.seconds, 3),
+        "resources": result.resources,
         "candidate_error": result.candidate_error,
         "notes": result.notes,
         # where a serving client reads the candidate differently; serious ones fail the verdict

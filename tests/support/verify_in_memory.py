@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 from nvq.io.gguf_model import load_canonical_with_cells
 from nvq.verify.candidate import load_candidate
 from nvq.verify.diff import Thresholds, diff_taps, diff_weights, logit_stats
