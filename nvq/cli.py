@@ -175,6 +175,7 @@ def verify(
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Verify on the text of this file.")] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", min=2, help="Verify on N deterministic pseudo-random token ids (no tokenizer needed).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Cap on the tokens taken from the prompts.")] = 128,
+    sequences: Annotated[int, typer.Option("--sequences", min=1, help="Split the --tokens ids into this many sequences.")] = 1,
     device: Annotated[Device, typer.Option("--device", help="Where the reference forwards run.")] = Device.auto,
     recipe: RecipeOpt = None,
     factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Set the weight, tap and KLD factors at once: candidate error allowed as a multiple of the expected error (defaults 1.25, 1.5, 2).")] = None,
@@ -191,7 +192,8 @@ def verify(
             return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
                        n_tokens=tokens, max_tokens=max_tokens, device=device.value,
                        thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
-                       precision="fp64" if fp64 else "fp32", draws=draws, progress=progress)
+                       precision="fp64" if fp64 else "fp32", draws=draws, progress=progress,
+                       n_sequences=sequences)
 
     cert = _guard(job)
     report.print_verify(cert)

@@ -10,7 +10,9 @@ about √(2/B), B the row's scale blocks (K / block size). A row fails above
     factor · √(1 + z_rows · √(2 / B))
 
 (`row_limit`); an expert is judged the same way on all its rows (N·B blocks). Rows where nothing
-is expected (exact oracle, dense candidate) fail on any difference above the floor.
+is expected (exact oracle, dense candidate) fail on any difference above the floor. GPTQ moves weights
+across a group to cancel output error, so there a row fails only when it has also lost most of
+its content (`min_rel_sq`: zeroed, negated, swapped or scaled rows).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def local_damage(
     factor: float,
     floor: float,
     block: int = 1,
+    min_rel_sq: float = 0.0,
 ) -> LocalDamage:
     """Rows and experts of `candidate` whose error exceeds their band. `expected_sq_rows` is the
     mean over draws of ‖E_r − O_r‖² per row of the 2-D view; `floor` is a rel-L2 floor; `block`
@@ -78,7 +81,8 @@ def local_damage(
     d = (c - o).pow(2).sum(-1)
     ref = o.pow(2).sum(-1)
     experts = oracle.shape[0] if oracle.dim() == 3 else None
-    return local_damage_from_sums(d, expected_sq_rows, ref, experts, factor, floor, max(k // max(block, 1), 1))
+    return local_damage_from_sums(d, expected_sq_rows, ref, experts, factor, floor, max(k // max(block, 1), 1),
+                                  min_rel_sq)
 
 
 def local_damage_from_sums(
@@ -89,13 +93,15 @@ def local_damage_from_sums(
     factor: float,
     floor: float,
     blocks: int,
+    min_rel_sq: float = 0.0,
 ) -> LocalDamage:
     """`local_damage` from per-row sums: d = ‖C_r − O_r‖², e = expected ‖E_r − O_r‖², ref =
-    ‖O_r‖² (what the streamed verifier accumulates over row blocks); `blocks` scale blocks a row."""
+    ‖O_r‖² (what the streamed verifier accumulates over row blocks); `blocks` scale blocks a row;
+    `min_rel_sq` the least d / ref of a failing row or expert."""
     d, e, ref = d.double().reshape(-1).cpu(), e.double().reshape(-1).cpu(), ref.double().reshape(-1).cpu()
     scale = ref.mean().clamp(min=1e-300)  # a row of zeros gets the floor of an average row
     slack = floor**2 * torch.maximum(ref, scale)
-    bad = torch.nonzero(d > row_limit(factor, blocks) ** 2 * e + slack).flatten().tolist()
+    bad = torch.nonzero((d > row_limit(factor, blocks) ** 2 * e + slack) & (d >= min_rel_sq * ref)).flatten().tolist()
     ratio = (d / (e + slack)).sqrt()
     out = LocalDamage(rows=bad, rows_total=int(d.numel()))
     if ratio.numel():
@@ -105,7 +111,8 @@ def local_damage_from_sums(
         per = d.numel() // experts
         de, ee, re_ = (x.reshape(experts, -1).sum(-1) for x in (d, e, ref))
         slack_e = floor**2 * torch.maximum(re_, scale * per)
-        out.experts = torch.nonzero(de > row_limit(factor, per * blocks) ** 2 * ee + slack_e).flatten().tolist()
+        out.experts = torch.nonzero((de > row_limit(factor, per * blocks) ** 2 * ee + slack_e)
+                                    & (de >= min_rel_sq * re_)).flatten().tolist()
         ratio_e = (de / (ee + slack_e)).sqrt()
         out.worst_expert = int(ratio_e.argmax())
         out.worst_expert_ratio = float(ratio_e.max())

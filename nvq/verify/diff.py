@@ -227,15 +227,36 @@ def diff_weight(
     exact = bool(torch.equal(got, noise.nominal))
     damage = LocalDamage()
     if not exact and ref.dim() >= 2:
-        k = ref.shape[-1]
-        sq = torch.stack([(d.double() - ref.double()).reshape(-1, k).pow(2).sum(-1) for d in draws]).mean(0)
-        damage = local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor, scale_block(scheme, k))
+        damage = _local(got, ref, draws, scheme, th, slack)
+    elif not exact and ref.dim() == 1 and ref.numel() > 1:
+        damage = local_damage(got[:, None], ref[:, None],
+                              torch.stack([(d.double() - ref.double()).pow(2) for d in draws]).mean(0),
+                              th.weight_factor * slack, th.weight_floor)
+        if PER_EXPERT_VECTOR.search(name):  # one entry per expert: name the experts
+            damage.experts, damage.rows = damage.rows, []
     ok = exact or (err <= limit and not damage.found)
     hint = where = None
     if not ok:
         hint = weight_hint(Evidence(name, got, ref, limit, oracle, damage))
         where = damage.describe(ref.shape[1] if ref.dim() == 3 else None) or None
     return WeightDiff(name, layer, label, err, mean_exp, limit, ok, hint, oracle_type, exact, where)
+
+
+def _local(got, ref, draws, scheme, th: Thresholds, slack: float) -> LocalDamage:
+    """Rows and experts out of band (nvq.verify.damage)."""
+    k = ref.shape[-1]
+    block = scale_block(scheme, k)
+    gptq = scheme is not None and scheme.name == "gptq"
+    sq = torch.stack([(d.double() - ref.double()).reshape(-1, k).pow(2).sum(-1) for d in draws]).mean(0)
+    return local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor, block,
+                        min_rel_sq=GPTQ_ROW_LOSS if gptq else 0.0)
+
+
+PER_EXPERT_VECTOR = re.compile(r"\.ffn_down_exps\.scale$")  # Gemma-4 router.per_expert_scale
+
+# GPTQ rows legitimately reach 12.8× round-to-nearest's row error (SmolLM2 blk.11.ffn_down, group
+# 64); one that has lost half its energy-equivalent is broken (zeroed, negated, swapped, scaled)
+GPTQ_ROW_LOSS = 0.5
 
 
 def scale_block(scheme: Scheme | None, k: int) -> int:

@@ -47,6 +47,7 @@ from nvq.verify.noise import STORE, apply_scheme, fits, original_draw
 from nvq.verify.taps import STREAM_TAPS
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24  # float64 logits per lane in one LM-head block (128 MiB)
+ROW_BLOCK_ELEMENTS = 1 << 22  # weight elements per row block of a vocabulary-sized tensor (16 MiB fp32)
 # tensors indexed by token id: read in row blocks, never whole
 VOCAB_TENSORS = re.compile(r"token_embd\.weight|output\.weight|per_layer_token_embd\.weight")
 
@@ -515,7 +516,7 @@ def _diff_chunked(name, c_cache, o_cache, noise: NoiseModel, schemes, th, draws:
     if c_shape != tuple(shape):
         hint = f"shape {list(c_shape)} where the oracle has {list(shape)}"
         return WeightDiff(name, layer, label, None, 0.0, 0.0, False, hint, storage)
-    step = max(1, VOCAB_CHUNK_ELEMENTS // max(k, 1))
+    step = max(1, ROW_BLOCK_ELEMENTS // max(k, 1))
     d_rows, r_rows, e_rows = [], [], []
     e2 = [0.0] * max(draws, 1)
     exact = True
@@ -544,7 +545,7 @@ def _diff_chunked(name, c_cache, o_cache, noise: NoiseModel, schemes, th, draws:
     hint = where = None
     if not ok:
         where = damage.describe() or None
-        if n_rows * k <= VOCAB_CHUNK_ELEMENTS * 4:  # small enough to look at whole
+        if n_rows * k <= ROW_BLOCK_ELEMENTS * 4:  # small enough to look at whole
             full_ref, full_got = o_cache.source[name].float(), c_cache.source[name].float()
             hint = weight_hint(Evidence(name, full_got, full_ref, limit, {name: full_ref}, damage))
         else:
@@ -568,8 +569,8 @@ def _head(lanes: list[Lane], c_arch, o_arch, sequences, th: Thresholds, order: d
     if "oracle" not in hidden:
         raise RuntimeError("the oracle's forward did not finish")
     vocab = _head_rows(oracle)
-    t_total = hidden["oracle"].shape[0]
-    step = max(1, VOCAB_CHUNK_ELEMENTS // max(t_total, 1))
+    t_total, width = hidden["oracle"].shape
+    step = max(1, min(VOCAB_CHUNK_ELEMENTS // max(t_total, 1), ROW_BLOCK_ELEMENTS // max(width, 1)))
     nxt, has_next = _next_tokens(sequences)
     scored = [lane for lane in lanes if lane.logits_kept and lane.name in hidden]
     tapped = [lane for lane in lanes if lane.taps_kept and lane.name in hidden]

@@ -139,8 +139,11 @@ def token_ids(
     prompt_file: str | Path | None = None,
     n_tokens: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    n_sequences: int = 1,
 ) -> Tokens:
-    """The token sequences both forwards run on. At most one of prompt / prompt_file / n_tokens."""
+    """The token sequences both forwards run on. At most one of prompt / prompt_file / n_tokens;
+    `n_sequences` splits the --tokens ids into that many sequences (attention stays per sequence,
+    so more evidence costs no more memory than its longest sequence)."""
     given = [x for x in (prompt, prompt_file, n_tokens) if x is not None]
     if len(given) > 1:
         raise ConfigError("--prompt, --prompt-file and --tokens exclude each other; give at most one.")
@@ -148,8 +151,12 @@ def token_ids(
     if n_tokens is not None:
         if n_tokens < 2:
             raise ConfigError(f"--tokens {n_tokens}: at least 2 tokens are needed (one prediction).")
+        if n_sequences < 1 or n_tokens < 2 * n_sequences:
+            raise ConfigError(f"--tokens {n_tokens} --sequences {n_sequences}: every sequence needs at least 2 tokens.")
         gen = torch.Generator().manual_seed(TOKEN_SEED)
-        return Tokens([torch.randint(0, vocab, (n_tokens,), generator=gen)], f"--tokens {n_tokens}")
+        ids = torch.randint(0, vocab, (n_tokens,), generator=gen)
+        source = f"--tokens {n_tokens}" + (f" in {n_sequences} sequences" if n_sequences > 1 else "")
+        return Tokens(list(ids.tensor_split(n_sequences)), source)
     if prompt_file is not None:
         try:
             texts, source = [Path(prompt_file).read_text(encoding="utf-8")], f"--prompt-file {prompt_file}"

@@ -138,6 +138,7 @@ def verify(
     precision: str = "fp32",
     draws: int = DEFAULT_DRAWS,
     progress: Callable[[int, int], None] | None = None,
+    n_sequences: int = 1,
 ) -> VerifyResult:
     started = time.perf_counter()
     if precision not in PRECISIONS:
@@ -147,7 +148,7 @@ def verify(
     dev = resolve_device(device)
     cand = open_candidate(candidate)
     orc = load_oracle(oracle, cand)
-    tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens)
+    tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens, n_sequences)
     arch, seqs = cand.arch, tokens.sequences
     configs = config_check.compare(arch.name, arch.config, orc.arch_config, cand.config, orc.config, orc.metadata)
     vocab = tokenizer_check.compare(cand.path, cand.config, orc.metadata)

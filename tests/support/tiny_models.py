@@ -87,12 +87,14 @@ _FIRST_BYTE_ID = len(SPECIAL_TOKENS)
 _FIRST_NORMAL_ID = _FIRST_BYTE_ID + _N_BYTE_TOKENS
 
 
-def tokenizer_vocab() -> list[str]:
-    """Pieces of the synthetic tokenizer, in id order."""
+def tokenizer_vocab(size: int | None = None) -> list[str]:
+    """Pieces of the synthetic tokenizer, in id order; `size` pads it with pieces no text merges
+    into, for models of a real vocabulary size (e.g. 128256)."""
     vocab = [*SPECIAL_TOKENS]
     vocab += [f"<0x{b:02X}>" for b in range(_N_BYTE_TOKENS)]
     vocab += list(_CHARS)
     vocab += [a + b for a, b in _MERGES]
+    vocab += [f"{_SPACE}piece{i}" for i in range(max(0, (size or 0) - len(vocab)))]
     assert len(set(vocab)) == len(vocab)
     return vocab
 
@@ -100,10 +102,10 @@ def tokenizer_vocab() -> list[str]:
 TOKENIZER_VOCAB_SIZE = len(tokenizer_vocab())  # 4 + 256 + 55 + 10 = 325
 
 
-def _tokenizer_object():
+def _tokenizer_object(size: int | None = None):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-    vocab = {piece: i for i, piece in enumerate(tokenizer_vocab())}
+    vocab = {piece: i for i, piece in enumerate(tokenizer_vocab(size))}
     bpe = models.BPE(
         vocab=vocab,
         merges=list(_MERGES),
@@ -170,7 +172,7 @@ def _sentencepiece_model_bytes() -> bytes:
     return proto.SerializeToString()
 
 
-def build_tokenizer(out_dir: str | Path, *, sentencepiece_model: bool = False) -> int:
+def build_tokenizer(out_dir: str | Path, *, sentencepiece_model: bool = False, vocab_size: int | None = None) -> int:
     """Write the synthetic tokenizer (``tokenizer.json``, ``tokenizer_config.json``).
 
     With ``sentencepiece_model=True`` an equivalent SentencePiece
@@ -183,7 +185,7 @@ def build_tokenizer(out_dir: str | Path, *, sentencepiece_model: bool = False) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=_tokenizer_object(),
+        tokenizer_object=_tokenizer_object(vocab_size),
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
@@ -193,7 +195,7 @@ def build_tokenizer(out_dir: str | Path, *, sentencepiece_model: bool = False) -
     if sentencepiece_model:
         (out / "tokenizer.model").write_bytes(_sentencepiece_model_bytes())
     n = len(fast)
-    assert n == TOKENIZER_VOCAB_SIZE, n
+    assert n == (vocab_size or TOKENIZER_VOCAB_SIZE), n
     return n
 
 

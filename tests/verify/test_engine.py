@@ -73,11 +73,12 @@ def test_one_stage_of_weights_at_a_time(gemma4_moe_f32, tiny_gguf, quantized, mo
 
 
 def test_vocabulary_rows_are_read_in_blocks(llama_f32, tiny_gguf, quantized, monkeypatch):
-    """The LM head and embeddings are read in row blocks of VOCAB_CHUNK_ELEMENTS; the figures do
-    not depend on the block size."""
+    """The LM head and embeddings are read in row blocks (ROW_BLOCK_ELEMENTS, VOCAB_CHUNK_ELEMENTS);
+    the figures do not depend on the block size."""
     cand, oracle = quantized(llama_f32, "nvfp4"), tiny_gguf(llama_f32, "q8_0")
     whole = verify(cand, oracle, n_tokens=24)
     monkeypatch.setattr(engine, "VOCAB_CHUNK_ELEMENTS", 1000)  # a few rows per block
+    monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 700)
     blocks = verify(cand, oracle, n_tokens=24)
     assert _close(whole.logits["mean_kld"], blocks.logits["mean_kld"], 1e-9)
     by_name = {w.name: w for w in whole.weights}

@@ -1,0 +1,151 @@
+"""`nvq verify` at release scale: time, peak host RSS and peak GPU memory of one verify run.
+
+    python bench/verify_scale.py WORK_DIR --preset llama-1b [--layers N] [--device cpu|cuda]
+                                 [--tokens 128] [--sequences 1] [--outtype f16] [--keep]
+
+Builds (once, in WORK_DIR) a random bf16 checkpoint of the preset's shapes (N(0, 0.02) weights,
+norms 1, a synthetic tokenizer padded to the real vocabulary size), converts it to NVFP4 with
+`nvq convert`, makes the oracle GGUF with llama.cpp's converter (`--outtype`, default f16), then
+runs `nvq verify CANDIDATE --oracle GGUF --tokens T` in a child process and reports its wall
+time and ru_maxrss, and the certificate's verdict, peak GPU memory and figures. Prints one JSON
+object. Targets (issue 11): llama-1b on 2 CPU cores ≤ 3 GiB RSS and ≤ 5 min; llama-8b on an
+H200 ≤ 45 s, host RSS ≤ 6 GiB, GPU ≤ 24 GiB; gemma4-26b-a4b per layer, flat as layers double.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nvq.io.safetensors import OutputTensor, ShardedWriter  # noqa: E402
+from tests.support.tiny_models import build_tokenizer  # noqa: E402
+
+# preset -> (config.json, per-layer tensor shapes) of the released model it is shaped like
+PRESETS = {
+    "llama-1b": dict(model_type="llama", hidden=2048, inter=8192, heads=32, kv=8, head_dim=64, layers=16,
+                     vocab=128256, tie=True, rope_theta=500000.0),
+    "llama-8b": dict(model_type="llama", hidden=4096, inter=14336, heads=32, kv=8, head_dim=128, layers=32,
+                     vocab=128256, tie=False, rope_theta=500000.0),
+}
+
+
+def llama_tensors(p: dict, layers: int) -> dict[str, tuple[int, ...]]:
+    h, i, hd = p["hidden"], p["inter"], p["head_dim"]
+    q, kv = p["heads"] * hd, p["kv"] * hd
+    out = {"model.embed_tokens.weight": (p["vocab"], h), "model.norm.weight": (h,)}
+    if not p["tie"]:
+        out["lm_head.weight"] = (p["vocab"], h)
+    for b in range(layers):
+        pre = f"model.layers.{b}."
+        out.update({
+            pre + "self_attn.q_proj.weight": (q, h), pre + "self_attn.k_proj.weight": (kv, h),
+            pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, q),
+            pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
+            pre + "mlp.down_proj.weight": (h, i),
+            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+        })
+    return out
+
+
+def llama_config(p: dict, layers: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": p["hidden"],
+            "intermediate_size": p["inter"], "num_hidden_layers": layers, "num_attention_heads": p["heads"],
+            "num_key_value_heads": p["kv"], "head_dim": p["head_dim"], "vocab_size": p["vocab"],
+            "rms_norm_eps": 1e-5, "rope_theta": p["rope_theta"], "tie_word_embeddings": p["tie"],
+            "max_position_embeddings": 8192, "hidden_act": "silu", "torch_dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2}
+
+
+def build(out: Path, preset: str, layers: int, device: str) -> None:
+    p = PRESETS[preset]
+    tensors = llama_tensors(p, layers)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(tmp, vocab_size=p["vocab"])
+    w = ShardedWriter(tmp, [OutputTensor(n, "BF16", s) for n, s in tensors.items()], 5 * 10**9)
+    g = torch.Generator(device=device).manual_seed(0)
+    for n, s in tensors.items():
+        t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g, device=device) * 0.02
+        w.write(n, t.to(torch.bfloat16).cpu())
+        del t
+    w.close()
+    (tmp / "config.json").write_text(json.dumps(llama_config(p, layers), indent=2))
+    tmp.rename(out)
+
+
+def timed(cmd: list[str]) -> tuple[float, int, subprocess.CompletedProcess]:
+    """Wall time and the child's peak RSS (bytes) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode not in (0, 1):
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{' '.join(map(str, cmd[:4]))} … exited {proc.returncode}")
+    return seconds, max(peak, before) * 1024, proc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--sequences", type=int, default=1)
+    ap.add_argument("--outtype", default="f16")
+    args = ap.parse_args()
+    layers = args.layers or PRESETS[args.preset]["layers"]
+    work = args.work / f"{args.preset}-L{layers}"
+    src, cand, gguf = work / "bf16", work / "nvfp4", work / f"oracle-{args.outtype}.gguf"
+    steps = {}
+    if not src.exists():
+        t0 = time.perf_counter()
+        build(src, args.preset, layers, "cuda" if args.device == "cuda" else "cpu")
+        steps["build_s"] = round(time.perf_counter() - t0, 1)
+    py = sys.executable
+    if not cand.exists():
+        steps["convert_s"], steps["convert_rss"], _ = timed(
+            [py, "-m", "nvq", "convert", str(src), str(cand), "--scheme", "nvfp4", "--device", args.device])
+    if not gguf.exists():
+        from tests.support.llamacpp import convert_to_gguf
+
+        t0 = time.perf_counter()
+        convert_to_gguf(src, gguf, args.outtype)
+        steps["gguf_s"] = round(time.perf_counter() - t0, 1)
+    cert_path = work / "cert.json"
+    seconds, rss, proc = timed([py, "-m", "nvq", "verify", str(cand), "--oracle", str(gguf), "--tokens",
+                                str(args.tokens), "--sequences", str(args.sequences), "--device", args.device,
+                                "--json", str(cert_path)])
+    cert = json.loads(cert_path.read_text())
+    lg = cert["logits"]
+    print(json.dumps({
+        "preset": args.preset, "layers": layers, "device": args.device, "tokens": args.tokens,
+        "sequences": args.sequences, "oracle": args.outtype,
+        "verify_wall_s": round(seconds, 1), "verify_peak_rss_gib": round(rss / 2**30, 3),
+        "peak_gpu_gib": round(cert["resources"].get("peak_gpu_bytes", 0) / 2**30, 3),
+        "engine_s": cert["seconds"], "verdict": cert["verdict"], "level": cert["level"],
+        "mean_kld": lg.get("mean_kld"), "expected_kld": lg["expected"].get("mean_kld"),
+        "top1": lg.get("top1_agreement"), "weights": len(cert["weights"]), "taps": len(cert["taps"]),
+        "first_divergence": cert["first_divergence"], "setup": steps,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "stderr_tail": proc.stderr[-400:],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
