@@ -341,6 +341,7 @@ class Layout:
     codec: Codec | None
     format: str  # "dense", "compressed-tensors nvfp4", "modelopt nvfp4", ...
     sources: dict[str, Source]  # canonical name → how to make it
+    device: torch.device = torch.device("cpu")  # where quantized modules are decoded (CUDA kernels on a GPU)
 
     def read(self, src: Source) -> torch.Tensor:
         """The float32 tensor `src` gives: read as stored, decoded, or an expert stack."""
@@ -350,14 +351,15 @@ class Layout:
             except RuntimeError:
                 raise CheckpointError(f"{self.ckpt.path}: the per-expert modules of '{src.name}' differ in shape.") from None
         if src.module is None:
-            return self.ckpt.read(src.name).float()
+            return self.ckpt.read(src.name).to(self.device).float()
         return self.read_module(src).weight
 
     def read_module(self, src: Source) -> ModuleRead:
         """A quantized leaf decoded, with its groups and client findings (GPTQ)."""
         names = self.ckpt.tensors
-        parts = {p: self.ckpt.read(f"{src.module}.{p}") for p in self.codec.parts}
-        parts |= {p: self.ckpt.read(f"{src.module}.{p}") for p in self.codec.optional if f"{src.module}.{p}" in names}
+        parts = {p: self.ckpt.read(f"{src.module}.{p}").to(self.device) for p in self.codec.parts}
+        parts |= {p: self.ckpt.read(f"{src.module}.{p}").to(self.device) for p in self.codec.optional
+                  if f"{src.module}.{p}" in names}
         try:
             return self.codec.read_module(src.module, parts)
         except (ValueError, RuntimeError) as e:

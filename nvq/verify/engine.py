@@ -47,6 +47,8 @@ from nvq.verify.noise import STORE, apply_scheme, fits, original_draw
 from nvq.verify.taps import STREAM_TAPS
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24  # float64 logits per lane in one LM-head block (128 MiB)
+# oracle float type -> source dtypes whose values it stores exactly, with cells under their half ulp
+ROUNDS_BACK = {"F16": (torch.bfloat16,), "BF16": (torch.bfloat16,)}
 ROW_BLOCK_ELEMENTS = 1 << 22  # weight elements per row block of a vocabulary-sized tensor (16 MiB fp32)
 # tensors indexed by token id: read in row blocks, never whole
 VOCAB_TENSORS = re.compile(r"token_embd\.weight|output\.weight|per_layer_token_embd\.weight")
@@ -66,10 +68,12 @@ class StageCache(Mapping[str, torch.Tensor]):
         self.device = device
         self._full: dict[str, torch.Tensor] = {}
         self._experts: dict[tuple[str, int], torch.Tensor] = {}
+        self._block: tuple[tuple[str, int, int], torch.Tensor] | None = None  # the last row block read
 
     def clear(self) -> None:
         self._full.clear()
         self._experts.clear()
+        self._block = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._full.get(name)
@@ -94,7 +98,10 @@ class StageCache(Mapping[str, torch.Tensor]):
     def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name in self._full:
             return self._full[name].reshape(-1, self._full[name].shape[-1])[start:stop]
-        return self.source.row_block(name, start, stop).to(self.device)
+        key = (name, start, stop)
+        if self._block is None or self._block[0] != key:  # every lane reads the same block in turn
+            self._block = (key, self.source.row_block(name, start, stop).to(self.device))
+        return self._block[1]
 
     def expert(self, name: str, e: int) -> torch.Tensor:
         if name in self._full:
@@ -142,6 +149,10 @@ class NoiseModel:
         if got is not None:
             return got
         members = self.members(name)
+        if draw > 0 and all(self._rounds_back(n) for n in members):
+            for n in members:
+                self._stored[(n, draw)] = self.stored(n, 0)
+            return self._stored[(name, draw)]
         originals = {}
         for n in members:
             cells = self.cells(n) if draw > 0 else None
@@ -159,6 +170,17 @@ class NoiseModel:
             s = self.schemes.get(n)
             self._stored[(n, draw)] = apply_scheme(w, s, self.groups.get(n), shared) if s is not None else w.float()
         return self._stored[(name, draw)]
+
+    def _rounds_back(self, name: str, values: torch.Tensor | None = None) -> bool:
+        """Whether draws of `name` cast back to the oracle's own values: a float oracle type whose
+        values the (coarser) source dtype holds exactly, an F16 or BF16 GGUF of a bf16 release.
+        Its cells are within half a source ulp, except F16's below 2^-14 (≤ 3e-8 absolute, under
+        every scheme's resolution), so draws are the nominal one. Saves reading the cells."""
+        kind = self.gguf.storage(name)
+        if kind not in ROUNDS_BACK or self.dtype not in ROUNDS_BACK[kind]:
+            return False
+        w = self.oracle[name] if values is None else values
+        return bool(torch.equal(w.to(self.dtype).float(), w))
 
     def stored_expert(self, name: str, draw: int, e: int) -> torch.Tensor:
         """Expert e of draw `draw` of an expert stack (its own scales; no fusion across experts)."""
@@ -183,6 +205,8 @@ class NoiseModel:
         if s is not None and s.quantized:  # a quantized head: its scales span the tensor
             return self.stored(name, draw).reshape(-1, self.gguf.shape(name)[-1])[start:stop]
         rows = self.oracle.row_block(name, start, stop)
+        if draw > 0 and self._rounds_back(name, rows):
+            draw = 0
         cells = self._cell_rows(name, start, stop) if draw > 0 else None
         w = original_draw(name, rows, cells, draw, self.dtype, start)
         return STORE[s.name](w, s, None, None) if s is not None else w.float()

@@ -109,12 +109,9 @@ def uniform_field(seed: int, first_row: int, shape: tuple[int, ...], device=None
     n = 1
     for d in shape:
         n *= d
-    x = torch.arange(n, dtype=torch.int64, device=device) + first_row * row
-    x = x ^ seed
-    for mul, shift in ((_MIX[0], 30), (_MIX[1], 27)):
-        x = (x ^ (x >> shift)) * mul
-    x = x ^ (x >> 31)
-    return ((x & 0xFFFFFF).float() * (1.0 / (1 << 24))).reshape(shape)
+    x = (torch.arange(n, dtype=torch.int64, device=device) + (first_row * row + seed)) * _MIX[0]
+    x = (x ^ (x >> 29)) * _MIX[1]
+    return ((x >> 40) & 0xFFFFFF).float().mul_(1.0 / (1 << 24)).reshape(shape)
 
 
 def plausible_original(values: torch.Tensor, cells: Cells, seed: int, first_row: int = 0) -> torch.Tensor:

@@ -146,7 +146,7 @@ def verify(
     dtype = PRECISIONS[precision]
     th = thresholds or Thresholds()
     dev = resolve_device(device)
-    cand = open_candidate(candidate)
+    cand = open_candidate(candidate, dev)
     orc = load_oracle(oracle, cand)
     tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens, n_sequences)
     arch, seqs = cand.arch, tokens.sequences

@@ -32,8 +32,10 @@ class CandidateSource(Mapping[str, torch.Tensor]):
         self.layout = layout
 
     @classmethod
-    def open(cls, path: str | Path) -> CandidateSource:
-        return cls(open_layout(path))
+    def open(cls, path: str | Path, device: str | torch.device = "cpu") -> CandidateSource:
+        layout = open_layout(path)
+        layout.device = torch.device(device)
+        return cls(layout)
 
     @property
     def path(self) -> Path:
@@ -123,11 +125,11 @@ def shape_of(tensors, name: str) -> tuple[int, ...]:
     return tuple(shape(name)) if callable(shape) else tuple(tensors[name].shape)
 
 
-def open_candidate(path: str | Path) -> Candidate:
+def open_candidate(path: str | Path, device: str | torch.device = "cpu") -> Candidate:
     """A candidate whose tensors are a `CandidateSource` (read on access). Group indices and client
     findings of quantized modules whose codec reports them (GPTQ) are gathered module by module,
     keeping none of the weights."""
-    source = CandidateSource.open(path)
+    source = CandidateSource.open(path, device)
     lay = source.layout
     cand = Candidate(lay.ckpt.path, lay.arch, lay.ckpt.config, source, source.schemes, lay.format,
                      client_findings=list(lay.codec.findings if lay.codec else ()))
