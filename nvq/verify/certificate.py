@@ -12,6 +12,7 @@ import json
 import math
 import os
 import xml.etree.ElementTree as ET
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from nvq import __version__
@@ -38,6 +39,15 @@ def file_hashes(directory: Path) -> dict[str, str]:
     }
 
 
+def start_hashing(candidate_dir: Path, oracle_file: Path) -> Future:
+    """The sha256 of every input, computed in a background thread while verification runs
+    (hashlib releases the GIL): (candidate file hashes, oracle hash)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvq-sha256")
+    future = pool.submit(lambda: (file_hashes(candidate_dir), sha256_file(oracle_file)))
+    pool.shutdown(wait=False)
+    return future
+
+
 def _num(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -53,6 +63,8 @@ def build(result) -> dict:
     logits["limit_mean_kld"] = _num(result.logits.get("limit_mean_kld"))
     logits["ok"] = bool(result.logits.get("ok", False))
     ids = b"".join(s.long().numpy().astype("<i8").tobytes() for s in tokens.sequences)
+    pending = getattr(result, "input_hashes", None)
+    c_files, o_hash = pending.result() if pending is not None else (file_hashes(c.path), sha256_file(o.path))
     return {
         "nvq_version": __version__,
         "verdict": result.verdict,
@@ -77,8 +89,8 @@ def build(result) -> dict:
         "tokenizer": [f.as_dict() for f in result.tokenizer_findings],
         "inputs": {
             "candidate": {"path": str(c.path), "format": c.format, "architecture": c.arch.model_type,
-                          "files": file_hashes(c.path)},
-            "oracle": {"path": str(o.path), "sha256": sha256_file(o.path), "storage": o.exactness,
+                          "files": c_files},
+            "oracle": {"path": str(o.path), "sha256": o_hash, "storage": o.exactness,
                        "exact": not o.lossy, "noise_draws": result.draws},
             "tokens": {"source": tokens.source, "count": tokens.count,
                        "sequences": [int(s.numel()) for s in tokens.sequences],

@@ -20,6 +20,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,7 @@ class StageCache(Mapping[str, torch.Tensor]):
     def __init__(self, source: Mapping[str, torch.Tensor], device: torch.device) -> None:
         self.source = source
         self.device = device
+        self._next: dict[str, Future] = {}  # the next stage's tensors, being read in the background
         self._full: dict[str, torch.Tensor] = {}
         self._experts: dict[tuple[str, int], torch.Tensor] = {}
         self._block: tuple[tuple[str, int, int], torch.Tensor] | None = None  # the last row block read
@@ -78,8 +80,16 @@ class StageCache(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._full.get(name)
         if t is None:
-            t = self._full[name] = self.source[name].to(self.device)
+            pending = self._next.pop(name, None)
+            t = pending.result() if pending is not None else self.source[name].to(self.device)
+            self._full[name] = t
         return t
+
+    def prefetch(self, names: list[str], pool: ThreadPoolExecutor) -> None:
+        """Start reading these tensors (the next stage's) while the current stage computes."""
+        for n in names:
+            if n in self.source and n not in self._next:
+                self._next[n] = pool.submit(lambda n=n: self.source[n].to(self.device))
 
     def __contains__(self, name: object) -> bool:
         return name in self.source
@@ -415,7 +425,11 @@ def stream_verify(
     by_layer: dict[int | None, list[str]] = {}
     for n in oracle_names:
         by_layer.setdefault(weight_layer(n), []).append(n)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvq-prefetch")
     for stage in [EMBEDDED, *range(n_layers)]:
+        upcoming = by_layer.get(stage + 1, [])  # read layer stage+1 while this stage computes
+        o_cache.prefetch(upcoming, pool)
+        c_cache.prefetch(upcoming, pool)
         for rec in recorders:
             rec.tensors.clear()
         for lane in lanes:
@@ -428,6 +442,7 @@ def stream_verify(
             cache.clear()
         if on_stage:
             on_stage(stage + 1, n_layers + 1)
+    pool.shutdown(wait=True)
     for rec in recorders:
         rec.tensors.clear()
     for lane in lanes:  # the final norm: the generators return it

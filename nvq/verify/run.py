@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -59,6 +60,7 @@ class VerifyResult:
     config_findings: list[findings.Finding] = field(default_factory=list)
     tokenizer_findings: list[findings.Finding] = field(default_factory=list)
     resources: dict = field(default_factory=dict)  # peak host RSS and GPU memory, in bytes
+    input_hashes: Any = None  # Future of (candidate file hashes, oracle sha256), computed alongside
 
     @property
     def level(self) -> str:
@@ -148,6 +150,7 @@ def verify(
     dev = resolve_device(device)
     cand = open_candidate(candidate, dev)
     orc = load_oracle(oracle, cand)
+    hashes = certificate.start_hashing(cand.path, orc.path)
     tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens, n_sequences)
     arch, seqs = cand.arch, tokens.sequences
     configs = config_check.compare(arch.name, arch.config, orc.arch_config, cand.config, orc.config, orc.metadata)
@@ -183,7 +186,7 @@ def verify(
     return VerifyResult(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
         time.perf_counter() - started, error, notes, precision, n_draws, configs, vocab,
-        resources=_resources(res.peak_gpu_bytes),
+        resources=_resources(res.peak_gpu_bytes), input_hashes=hashes,
     )
 
 

@@ -15,7 +15,7 @@ from nvq.verify.taps import run_forward
 
 
 def in_memory_figures(candidate, oracle, sequences, draws: int = 2, teacher_forced: bool = False,
-                      th: Thresholds | None = None) -> dict:
+                      th: Thresholds | None = None, device: str = "cpu") -> dict:
     th = th or Thresholds()
     cand = load_candidate(candidate)
     orc = load_canonical_with_cells(oracle)
@@ -29,12 +29,12 @@ def in_memory_figures(candidate, oracle, sequences, draws: int = 2, teacher_forc
     dithered = [expected_draw(tensors, cand.schemes, cells, k, dtype, fusion, cand.group_index)
                 for k in range(1, n_draws + 1)]
     expected = dithered or [nominal]
-    o_run = run_forward(arch, tensors, sequences)
+    o_run = run_forward(arch, tensors, sequences, device)
     force = o_run if teacher_forced else None
-    e_runs = [run_forward(arch, e, sequences, force=force) for e in expected]
-    c_run = run_forward(arch, cand.tensors, sequences, force=force)
-    e_free = [run_forward(arch, e, sequences) for e in expected] if teacher_forced else e_runs
-    c_free = run_forward(arch, cand.tensors, sequences) if teacher_forced else c_run
+    e_runs = [run_forward(arch, e, sequences, device, force=force) for e in expected]
+    c_run = run_forward(arch, cand.tensors, sequences, device, force=force)
+    e_free = [run_forward(arch, e, sequences, device) for e in expected] if teacher_forced else e_runs
+    c_free = run_forward(arch, cand.tensors, sequences, device) if teacher_forced else c_run
     draws_stats = [logit_stats(o_run.logits, e.logits, sequences) for e in e_free]
     expected_stats = {k: statistics.fmean(d[k] for d in draws_stats) if isinstance(draws_stats[0][k], float)
                       else draws_stats[0][k] for k in draws_stats[0]}

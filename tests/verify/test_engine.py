@@ -35,7 +35,7 @@ def test_streamed_figures_equal_the_whole_model_computation(fixture, scheme, out
     src = request.getfixturevalue(fixture)
     cand, oracle = quantized(src, scheme), tiny_gguf(src, outtype)
     got = verify(cand, oracle, teacher_forced=forced, n_tokens=40)
-    ref = in_memory_figures(cand, oracle, got.tokens.sequences, teacher_forced=forced)
+    ref = in_memory_figures(cand, oracle, got.tokens.sequences, teacher_forced=forced, device=got.device)
     assert [t.name for t in got.taps] == [t.name for t in ref["taps"]]
     for a, b in zip(got.taps, ref["taps"], strict=True):
         assert _close(a.rel_l2, b.rel_l2) and _close(a.expected_rel_l2, b.expected_rel_l2), a.name
@@ -80,7 +80,7 @@ def test_vocabulary_rows_are_read_in_blocks(llama_f32, tiny_gguf, quantized, mon
     monkeypatch.setattr(engine, "VOCAB_CHUNK_ELEMENTS", 1000)  # a few rows per block
     monkeypatch.setattr(engine, "ROW_BLOCK_ELEMENTS", 700)
     blocks = verify(cand, oracle, n_tokens=24)
-    assert _close(whole.logits["mean_kld"], blocks.logits["mean_kld"], 1e-9)
+    assert _close(whole.logits["mean_kld"], blocks.logits["mean_kld"])  # GEMM sizes change the fp32 sums
     by_name = {w.name: w for w in whole.weights}
-    assert all(_close(w.rel_l2, by_name[w.name].rel_l2, 1e-9) for w in blocks.weights)
+    assert all(_close(w.rel_l2, by_name[w.name].rel_l2) for w in blocks.weights)
     assert torch.isfinite(torch.tensor(blocks.logits["mean_kld"]))
