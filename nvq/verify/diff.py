@@ -138,7 +138,11 @@ def logit_stats(oracle: torch.Tensor, candidate: torch.Tensor, sequences: list[t
         dps.append(pick_c.exp() - pick_o.exp())
         dnll.append(pick_o - pick_c)
         start += t
-    kld, top1, dp = torch.cat(klds), torch.cat(same).double(), torch.cat(dps)
+    return logit_summary(torch.cat(klds), torch.cat(same).double(), torch.cat(dps), torch.cat(dnll))
+
+
+def logit_summary(kld: torch.Tensor, top1: torch.Tensor, dp: torch.Tensor, dnll: torch.Tensor) -> dict:
+    """llama-perplexity's summary of per-position KLD, same-top-1, Δp and ln-probability ratio."""
     q = torch.quantile(kld, torch.tensor([0.99, 0.95, 0.90, 0.5], dtype=torch.float64))
     return {
         "mean_kld": kld.mean().item(),
@@ -150,7 +154,7 @@ def logit_stats(oracle: torch.Tensor, candidate: torch.Tensor, sequences: list[t
         "top1_agreement": top1.mean().item(),
         "rms_dp": dp.pow(2).mean().sqrt().item(),
         "mean_dp": dp.mean().item(),
-        "mean_ln_ppl_ratio": torch.cat(dnll).mean().item(),
+        "mean_ln_ppl_ratio": dnll.mean().item(),
         "dp_of": "next token",
         "positions": int(kld.numel()),
     }

@@ -39,6 +39,7 @@ from nvq.verify.diff import (
     WeightDiff,
     WeightNoise,
     diff_weight,
+    logit_summary,
     scale_block,
     weight_layer,
     weight_order,
@@ -704,18 +705,4 @@ def _stats(o: _Softmax, c: _Softmax, kld: torch.Tensor, has_next: torch.Tensor) 
     pick_o, pick_c = (o.pick - o.lse)[keep].cpu(), (c.pick - c.lse)[keep].cpu()
     dp = pick_c.exp() - pick_o.exp()
     top1 = (o.arg == c.arg)[keep].double().cpu()
-    q = torch.quantile(k, torch.tensor([0.99, 0.95, 0.90, 0.5], dtype=torch.float64))
-    return {
-        "mean_kld": k.mean().item(),
-        "kld_p99": q[0].item(),
-        "kld_p95": q[1].item(),
-        "kld_p90": q[2].item(),
-        "kld_median": q[3].item(),
-        "kld_max": k.max().item(),
-        "top1_agreement": top1.mean().item(),
-        "rms_dp": dp.pow(2).mean().sqrt().item(),
-        "mean_dp": dp.mean().item(),
-        "mean_ln_ppl_ratio": (pick_o - pick_c).mean().item(),
-        "dp_of": "next token",
-        "positions": int(k.numel()),
-    }
+    return logit_summary(k, top1, dp, pick_o - pick_c)
