@@ -11,8 +11,7 @@ about √(2/B), B the row's scale blocks (K / block size). A row fails above
 
 (`row_limit`); an expert is judged the same way on all its rows (N·B blocks). Rows where nothing
 is expected (exact oracle, dense candidate) fail on any difference above the floor. GPTQ moves weights
-across a group to cancel output error, so there a row fails only when it has also lost most of
-its content (`min_rel_sq`: zeroed, negated, swapped or scaled rows).
+to cancel output error, so there a row fails only past a multiple of its own energy (`min_rel_sq`).
 """
 
 from __future__ import annotations

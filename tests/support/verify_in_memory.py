@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 
+from nvq.io.gguf_cells import Cells
 from nvq.io.gguf_model import load_canonical_with_cells
 from nvq.verify.candidate import load_candidate
 from nvq.verify.diff import Thresholds, diff_taps, diff_weights, logit_stats
@@ -20,8 +21,9 @@ def in_memory_figures(candidate, oracle, sequences, draws: int = 2, teacher_forc
     cand = load_candidate(candidate)
     orc = load_canonical_with_cells(oracle)
     arch = cand.arch
-    tensors = {n: t for n, t in orc.tensors.items() if not arch.table.drop_reason(n, arch.config)}
-    cells = {n: c for n, c in orc.cells.items() if n in tensors}
+    # draws on the run's device, as the engine makes them (fp32 dither arithmetic differs by device)
+    tensors = {n: t.to(device) for n, t in orc.tensors.items() if not arch.table.drop_reason(n, arch.config)}
+    cells = {n: Cells(c.lower.to(device), c.upper.to(device), c.approximate) for n, c in orc.cells.items() if n in tensors}
     n_draws = draws if cells else 0
     fusion = fusion_groups(arch.table, tensors)
     dtype = _source_dtype(cand)

@@ -221,12 +221,14 @@ def swap_experts(layer: int, a: int, b: int):
     return edit
 
 
-def corrupt_block_scale(module: str, row: int, block: int = 1):
-    """One FP8 block-scale byte of `row` overwritten with 0x7E (448, the largest E4M3 value; 0x30,
-    0.5, if it already was 448): that block scaled by hundreds."""
+def corrupt_block_scale(module: str, row: int):
+    """The smallest FP8 block-scale byte of `row` overwritten with 0x7E (448, the largest E4M3
+    value): that block scaled by tens to hundreds. (A block whose scale is already near 448, as the
+    largest blocks of a tensor are, would change by less than legitimate quantizers differ.)"""
     def edit(t: Tensors, hf):
         scale = t[f"{hf(module)}.weight_scale"].view(torch.uint8)
-        scale[row, block] = 0x7E if int(scale[row, block]) != 0x7E else 0x30
+        block = int(scale[row].argmin())
+        scale[row, block] = 0x7E
     return edit
 
 
