@@ -178,7 +178,7 @@ def verify(
     sequences: Annotated[int, typer.Option("--sequences", min=1, help="Split the --tokens ids into this many sequences.")] = 1,
     device: Annotated[Device, typer.Option("--device", help="Where the reference forwards run.")] = Device.auto,
     recipe: RecipeOpt = None,
-    factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Set the weight, tap and KLD factors at once: candidate error allowed as a multiple of the expected error (defaults 1.25, 2, 2).")] = None,
+    factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Set the weight, tap and KLD factors at once: candidate error allowed as a multiple of the expected error (defaults 1.25, 2.5, 2).")] = None,
     draws: Annotated[int, typer.Option("--draws", min=1, max=16, help="Expected-noise draws against a lossy oracle (each one more forward).")] = 2,
     teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
     fp64: Annotated[bool, typer.Option("--fp64", help="Run the reference forwards in float64 instead of float32.")] = False,

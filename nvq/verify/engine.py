@@ -45,7 +45,7 @@ from nvq.verify.diff import (
     weight_order,
 )
 from nvq.verify.hints import Evidence, weight_hint
-from nvq.verify.noise import STORE, apply_scheme, fits, original_draw
+from nvq.verify.noise import STORE, apply_scheme, fusion_scales, original_draw
 from nvq.verify.taps import STREAM_TAPS
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24  # float64 logits per lane in one LM-head block (128 MiB)
@@ -176,7 +176,7 @@ class NoiseModel:
                 for n in members:
                     self._stored[(n, draw)] = self.stored(n, 0)
                 return self._stored[(name, draw)]
-        shared = _shared_scale(originals, self.schemes, self.dtype)
+        shared = fusion_scales(originals, self.schemes, {n: "group" for n in originals}, self.dtype).get("group")
         for n, w in originals.items():
             s = self.schemes.get(n)
             self._stored[(n, draw)] = apply_scheme(w, s, self.groups.get(n), shared) if s is not None else w.float()
@@ -230,17 +230,6 @@ class NoiseModel:
             return None
         dev = self.oracle.device
         return Cells(cells.lower.to(dev), cells.upper.to(dev), cells.approximate)
-
-
-def _shared_scale(originals: dict[str, torch.Tensor], schemes, dtype) -> torch.Tensor | None:
-    from nvq.formats import nvfp4
-
-    quantized = [w for n, w in originals.items()
-                 if (s := schemes.get(n)) is not None and s.name == "nvfp4" and fits(w, s) and w.dim() == 2]
-    if len(quantized) < 2:
-        return None
-    amax = torch.stack([w.abs().amax() for w in quantized]).amax()
-    return nvfp4.global_scale(amax.to(dtype), dtype)
 
 
 class ExpectedLane(Mapping[str, torch.Tensor]):

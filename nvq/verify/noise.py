@@ -149,7 +149,7 @@ def expected_draw(
     candidate lacks stay plausible originals."""
     fusion, groups = fusion or {}, groups or {}
     originals = {n: original_draw(n, w, cells.get(n), draw, dtype) for n, w in oracle.items()}
-    shared = _fusion_scales(originals, schemes, fusion, dtype)
+    shared = fusion_scales(originals, schemes, fusion, dtype)
     out = {}
     for n, w in originals.items():
         s = schemes.get(n)
@@ -157,14 +157,16 @@ def expected_draw(
     return out
 
 
-def _fusion_scales(originals, schemes, fusion, dtype) -> dict[str, torch.Tensor]:
-    amax: dict[str, torch.Tensor] = {}
+def fusion_scales(originals, schemes, fusion, dtype) -> dict[str, torch.Tensor]:
+    """Fusion group key -> the NVFP4 global scale its 2-D members share (from the group's amax);
+    a group of one keeps the tensor's own scale."""
+    amax: dict[str, list[torch.Tensor]] = {}
     for n, key in fusion.items():
         s = schemes.get(n)
-        if n in originals and s is not None and s.name == "nvfp4" and fits(originals[n], s):
-            a = originals[n].abs().amax()
-            amax[key] = a if key not in amax else torch.maximum(amax[key], a)
-    return {k: nvfp4.global_scale(a.to(dtype), dtype) for k, a in amax.items()}
+        w = originals.get(n)
+        if w is not None and w.dim() == 2 and s is not None and s.name == "nvfp4" and fits(w, s):
+            amax.setdefault(key, []).append(w.abs().amax())
+    return {k: nvfp4.global_scale(torch.stack(a).amax().to(dtype), dtype) for k, a in amax.items() if len(a) > 1}
 
 
 def fusion_groups(table, names) -> dict[str, str]:
