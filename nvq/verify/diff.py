@@ -248,13 +248,11 @@ def diff_weight(
 
 def _local(got, ref, draws, scheme, th: Thresholds, slack: float) -> LocalDamage:
     """Rows and experts out of band (nvq.verify.damage)."""
-    k = ref.shape[-1]
-    block = scale_block(scheme, k)
-    gptq = scheme is not None and scheme.name == "gptq"
-    sq = torch.stack([(d.double() - ref.double()).reshape(-1, k).pow(2).sum(-1) for d in draws]).mean(0)
-    if gptq:  # rows carry no signal for GPTQ (below); its output error is judged at the taps
+    if scheme is not None and scheme.name == "gptq":  # rows carry no signal for GPTQ (below)
         return LocalDamage()
-    return local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor, block)
+    k = ref.shape[-1]
+    sq = torch.stack([(d.double() - ref.double()).reshape(-1, k).pow(2).sum(-1) for d in draws]).mean(0)
+    return local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor, scale_block(scheme, k))
 
 
 PER_EXPERT_VECTOR = re.compile(r"\.ffn_down_exps\.scale$")  # Gemma-4 router.per_expert_scale
