@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nvq.errors import CheckpointError
+from nvq.io import gguf_torch
 from nvq.io.files import pread_exact
 
 GGUF_MAGIC = b"GGUF"
@@ -168,13 +169,14 @@ class GGUFFile:
         t = self.info(name)
         return _pread(t, 0, t.nbytes).tobytes()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, device: torch.device | None = None) -> torch.Tensor:
         """The whole tensor as float32 in numpy/torch order (`ne` reversed)."""
         t = self.info(name)
-        return self.read_rows(name, 0, t.num_rows).reshape(t.shape)
+        return self.read_rows(name, 0, t.num_rows, device).reshape(t.shape)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop of the 2-D view [prod(ne[1:]), ne[0]] as float32 [stop-start, ne[0]].
+    def read_rows(self, name: str, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor:
+        """Rows start..stop of the 2-D view [prod(ne[1:]), ne[0]] as float32 [stop-start, ne[0]],
+        decoded on `device` (default CPU) where torch decodes the type (`nvq.io.gguf_torch`).
 
         Each row is whole blocks, so any row range is a contiguous, independently decodable
         byte range: converters stream big tensors with it.
@@ -186,7 +188,9 @@ class GGUFFile:
             )
         data = _pread(t, start * t.row_bytes, (stop - start) * t.row_bytes)
         rows = data.reshape(stop - start, t.row_bytes)
-        return torch.from_numpy(np.ascontiguousarray(_dequantize(t, rows, self.path)))
+        if t.type_name in gguf_torch.DECODERS:
+            return gguf_torch.decode_rows(torch.from_numpy(rows).to(device), t.type_name, t.ne[0])
+        return torch.from_numpy(np.ascontiguousarray(_dequantize(t, rows, self.path))).to(device)
 
     def __iter__(self) -> Iterator[GGUFTensor]:
         return iter(self.tensors.values())

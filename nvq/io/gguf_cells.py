@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nvq.io import gguf_torch
 from nvq.io.gguf import GGUFFile, GGUFTensor
 
 EXACT_TYPES = frozenset({"F32", "F64", "I8", "I16", "I32", "I64"})
@@ -86,7 +87,7 @@ def read_cells(gf: GGUFFile, name: str, start: int, stop: int, values: torch.Ten
         half = _float_ulp(values, *FLOAT_ULPS[kind]) / 2
         return Cells(-half, half)
     if kind in _CODE_BYTES:
-        unit = _code_unit(gf, t, start, stop).abs()
+        unit = _code_unit(gf, t, start, stop, values.device).abs()
         if kind in E2M1_TOP_CELL:
             return _e2m1_cells(values, unit * 2, E2M1_TOP_CELL[kind])
         return Cells(-unit / 2, unit / 2)
@@ -101,11 +102,14 @@ def _float_ulp(x: torch.Tensor, mantissa_bits: int, smallest: float) -> torch.Te
     return torch.clamp(ulp, min=smallest)
 
 
-def _code_unit(gf: GGUFFile, t: GGUFTensor, start: int, stop: int) -> torch.Tensor:
+def _code_unit(gf: GGUFFile, t: GGUFTensor, start: int, stop: int, device: torch.device) -> torch.Tensor:
     """dequant(all codes 1) − dequant(all codes 0): the grid step of every element."""
     from gguf import GGMLQuantizationType, quants
 
-    raw = np.frombuffer(_raw_rows(gf, t, start, stop), dtype=np.uint8)
+    raw = _raw_rows(gf, t, start, stop)
+    if t.type_name in gguf_torch.STEPS:  # read straight off the block scales, on the device
+        rows = torch.from_numpy(raw).to(device).reshape(stop - start, t.row_bytes)
+        return gguf_torch.step_rows(rows, t.type_name, t.ne[0])
     blocks = raw.reshape(-1, t.type_size)
     out = []
     for pick in (2, 3):  # zero byte, one byte
@@ -113,14 +117,14 @@ def _code_unit(gf: GGUFFile, t: GGUFTensor, start: int, stop: int) -> torch.Tens
         for region in _CODE_BYTES[t.type_name]:
             b[:, region[0]:region[1]] = region[pick]
         out.append(quants.dequantize(b.reshape(stop - start, t.row_bytes), GGMLQuantizationType(t.ggml_type)))
-    return torch.from_numpy(np.ascontiguousarray(out[1] - out[0], dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(out[1] - out[0], dtype=np.float32)).to(device)
 
 
-def _raw_rows(gf: GGUFFile, t: GGUFTensor, start: int, stop: int) -> bytes:
+def _raw_rows(gf: GGUFFile, t: GGUFTensor, start: int, stop: int) -> np.ndarray:
     from nvq.io.files import pread_exact
 
     return pread_exact(t.path, t.offset + start * t.row_bytes, (stop - start) * t.row_bytes,
-                       f"tensor '{t.name}'").tobytes()
+                       f"tensor '{t.name}'")
 
 
 def _e2m1_cells(values: torch.Tensor, step: torch.Tensor, top: tuple[float, float]) -> Cells:

@@ -60,6 +60,7 @@ class GGUFModel:
     config: dict  # HF-style config.json of the causal-LM class
     units: list[Unit]
     consumed: dict[str, str] = field(default_factory=dict)  # GGUF tensor → why it is not a weight
+    device: torch.device | None = None  # where rows are decoded (None: the host)
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFModel:
@@ -88,7 +89,7 @@ class GGUFModel:
         info = self.gguf.info(unit.source)
         first, last = unit.rows
         if len(info.ne) == 1:
-            x = self.gguf.read(unit.source)[first:last]
+            x = self.gguf.read(unit.source, self.device)[first:last]
             yield last - first, self._fix(unit, x)
             return
         row_len = info.ne[0]
@@ -96,7 +97,7 @@ class GGUFModel:
         step = max(group, (max_elements // max(row_len, 1)) // group * group)
         for a in range(first, last, step):
             b = min(a + step, last)
-            yield b - a, self._fix(unit, self.gguf.read_rows(unit.source, a, b))
+            yield b - a, self._fix(unit, self.gguf.read_rows(unit.source, a, b, self.device))
 
     def read(self, unit: Unit) -> torch.Tensor:
         """The whole canonical tensor: dequantized, conventions undone, float32."""
@@ -117,13 +118,13 @@ class GGUFModel:
         info = self.gguf.info(unit.source)
         first, last = unit.rows
         if len(info.ne) == 1:
-            values = self.gguf.read(unit.source)[first:last].reshape(1, -1)
+            values = self.gguf.read(unit.source, self.device)[first:last].reshape(1, -1)
             cells = read_cells(self.gguf, unit.source, 0, 1, values)
             return None if cells is None else _reshaped(cells, unit.shape)
         parts, step = [], max(1, CHUNK_ELEMENTS // max(info.ne[0], 1))
         for a in range(first, last, step):
             b = min(a + step, last)
-            parts.append(read_cells(self.gguf, unit.source, a, b, self.gguf.read_rows(unit.source, a, b)))
+            parts.append(read_cells(self.gguf, unit.source, a, b, self.gguf.read_rows(unit.source, a, b, self.device)))
         lower, upper = torch.cat([c.lower for c in parts]), torch.cat([c.upper for c in parts])
         if unit.fix is not None and isinstance(unit.fix.transform, Unpermute):
             lower, upper = unit.fix.transform(lower, unit.dims), unit.fix.transform(upper, unit.dims)
@@ -143,9 +144,9 @@ class GGUFModel:
         group = unit.fix.transform.group_rows(unit.dims) if unit.fix else 1
         a, b = start - start % group, min(-(-stop // group) * group, last - first)
         if len(self.gguf.info(unit.source).ne) == 1:
-            x = self.gguf.read(unit.source)[first + a : first + b]
+            x = self.gguf.read(unit.source, self.device)[first + a : first + b]
         else:
-            x = self.gguf.read_rows(unit.source, first + a, first + b)
+            x = self.gguf.read_rows(unit.source, first + a, first + b, self.device)
         return self._fix(unit, x)[start - a : stop - a]
 
     def read_cell_rows(self, unit: Unit, start: int, stop: int) -> Cells | None:
@@ -161,7 +162,7 @@ class GGUFModel:
         group = unit.fix.transform.group_rows(unit.dims) if unit.fix else 1
         a, b = start - start % group, min(-(-stop // group) * group, unit.rows[1] - first)
         cells = read_cells(self.gguf, unit.source, first + a, first + b,
-                           self.gguf.read_rows(unit.source, first + a, first + b))
+                           self.gguf.read_rows(unit.source, first + a, first + b, self.device))
         lower, upper = cells.lower, cells.upper
         if unit.fix is not None and isinstance(unit.fix.transform, Unpermute):
             lower, upper = unit.fix.transform(lower, unit.dims), unit.fix.transform(upper, unit.dims)
@@ -221,6 +222,11 @@ class GGUFSource(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._units)
+
+    def decode_on(self, device: torch.device) -> None:
+        """Decode rows on `device` from now on: a GPU turns an 8B model's F16 into float32 many
+        times faster than numpy on the host (`nvq.io.gguf_torch`)."""
+        self.model.device = torch.device(device)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.unit(name).shape

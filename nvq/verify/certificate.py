@@ -12,7 +12,7 @@ import json
 import math
 import os
 import xml.etree.ElementTree as ET
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nvq import __version__
@@ -30,22 +30,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files(directory: Path) -> list[Path]:
+    return [p for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_symlink()]
+
+
 def file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every regular file under the directory, by relative POSIX path."""
-    return {
-        p.relative_to(directory).as_posix(): sha256_file(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in _files(directory)}
 
 
-def start_hashing(candidate_dir: Path, oracle_file: Path) -> Future:
-    """The sha256 of every input, computed in a background thread while verification runs
-    (hashlib releases the GIL): (candidate file hashes, oracle hash)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvq-sha256")
-    future = pool.submit(lambda: (file_hashes(candidate_dir), sha256_file(oracle_file)))
-    pool.shutdown(wait=False)
-    return future
+class PendingHashes:
+    """The sha256 of every input, computed in background threads while verification runs
+    (hashlib releases the GIL), one file per thread: an oracle of 16 GB is one stream, so the
+    candidate's shards hash beside it rather than after it. A quarter of the cores, at least one."""
+
+    def __init__(self, candidate_dir: Path, oracle_file: Path) -> None:
+        workers = max(1, min(8, (os.cpu_count() or 1) // 4))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvq-sha256")
+        self._oracle = pool.submit(sha256_file, oracle_file)
+        self._candidate = {p.relative_to(candidate_dir).as_posix(): pool.submit(sha256_file, p)
+                           for p in _files(candidate_dir)}
+        pool.shutdown(wait=False)
+
+    def result(self) -> tuple[dict[str, str], str]:
+        """(candidate file hashes, oracle hash), waiting for the threads."""
+        return {k: f.result() for k, f in self._candidate.items()}, self._oracle.result()
+
+
+def start_hashing(candidate_dir: Path, oracle_file: Path) -> PendingHashes:
+    return PendingHashes(candidate_dir, oracle_file)
 
 
 def _num(x):

@@ -17,6 +17,7 @@ computation (`nvq.verify.diff`) up to float64 summation order.
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,8 @@ from nvq.verify.taps import STREAM_TAPS
 VOCAB_CHUNK_ELEMENTS = 1 << 24  # float64 logits per lane in one LM-head block (128 MiB)
 # oracle float type -> source dtypes whose values it stores exactly, with cells under their half ulp
 ROUNDS_BACK = {"F16": (torch.bfloat16,), "BF16": (torch.bfloat16,)}
+# threads reading the next stage (positional reads and host-to-device copies run without the GIL)
+PREFETCH_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 ROW_BLOCK_ELEMENTS = 1 << 22  # weight elements per row block of a vocabulary-sized tensor (16 MiB fp32)
 # tensors indexed by token id: read in row blocks, never whole
 VOCAB_TENSORS = re.compile(r"token_embd\.weight|output\.weight|per_layer_token_embd\.weight")
@@ -394,6 +397,8 @@ def stream_verify(
     on_stage: Callable[[int, int], None] | None = None,
 ) -> StreamResult:
     """Run every lane over `sequences` layer by layer and return tap, weight and logit figures."""
+    if device.type != "cpu":
+        oracle.decode_on(device)
     o_cache, c_cache = StageCache(oracle, device), StageCache(candidate, device)
     lossy = draws > 0
     noise = NoiseModel(o_cache, schemes, noise_fusion, groups, source_dtype, lossy)
@@ -415,7 +420,7 @@ def stream_verify(
     by_layer: dict[int | None, list[str]] = {}
     for n in oracle_names:
         by_layer.setdefault(weight_layer(n), []).append(n)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvq-prefetch")
+    pool = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="nvq-prefetch")
     for stage in [EMBEDDED, *range(n_layers)]:
         upcoming = by_layer.get(stage + 1, [])  # read layer stage+1 while this stage computes
         o_cache.prefetch(upcoming, pool)

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
-from nvq.formats import int4, mxfp4, nvfp4
+from nvq import ops
+from nvq.formats import int4, nvfp4
 from nvq.io.gguf_cells import Cells
 from nvq.verify.candidate import Scheme
 
@@ -30,13 +31,18 @@ DEFAULT_DRAWS = 2
 
 def _nvfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
     profile = nvfp4.Profile(scheme.profile or "ct")
-    if g is not None and profile is nvfp4.Profile.MODELOPT:
-        return nvfp4.dequantize(nvfp4.quantize(w, profile=profile, weight_scale_2=1.0 / g), torch.float32)
-    return nvfp4.dequantize(nvfp4.quantize(w, g, profile=profile), torch.float32)
+    if profile is nvfp4.Profile.MODELOPT:
+        s2 = 1.0 / g if g is not None else None
+        return nvfp4.dequantize(nvfp4.quantize(w, profile=profile, weight_scale_2=s2), torch.float32)
+    # the compressed-tensors arithmetic, by the CUDA kernels on a GPU (ops falls back to the reference)
+    g = ops.nvfp4_global_scale(ops.tensor_amax(w), w.dtype) if g is None else g
+    packed, block_scale = ops.nvfp4_quantize_packed(w, g)
+    return ops.nvfp4_dequantize_packed(packed, block_scale, g, torch.float32)
 
 
 def _mxfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
-    return mxfp4.dequantize(mxfp4.quantize(w), torch.float32)
+    packed, scale = ops.mxfp4_quantize_packed(w)
+    return ops.mxfp4_dequantize_packed(packed, scale, torch.float32)
 
 
 def _gptq_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:

@@ -43,7 +43,12 @@ def in_memory_figures(candidate, oracle, sequences, draws: int = 2, teacher_forc
     stats = logit_stats(o_run.logits, c_free.logits, sequences)
     return {
         "taps": diff_taps(o_run, c_run, e_runs, th),
-        "weights": diff_weights(cand.tensors, tensors, cand.schemes, th, nominal, dithered, orc.storage),
+        "weights": diff_weights(cand.tensors, _host(tensors), cand.schemes, th, _host(nominal),
+                                [_host(d) for d in dithered], orc.storage),
         "logits": stats,
         "expected_logits": expected_stats,
     }
+
+
+def _host(tensors: dict) -> dict:
+    return {n: t.cpu() for n, t in tensors.items()}
