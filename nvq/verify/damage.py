@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nvq.verify.metrics import row_sq_error, row_sq_norm
+
 # spread allowance: against Q8_0 / Q4_0 oracles, clean NVFP4 rows stay under 1 + 2.3·√(2/K) and
 # MXFP4 with the OCP floor rule reaches 1.67× on a 2-block row (1 + 0.9·√(2/B) in squares)
 Z_ROWS = 4.0
@@ -76,9 +78,7 @@ def local_damage(
     if oracle.dim() < 2 or oracle.numel() == 0:
         return LocalDamage()
     k = oracle.shape[-1]
-    c, o = candidate.double().reshape(-1, k), oracle.double().reshape(-1, k)
-    d = (c - o).pow(2).sum(-1)
-    ref = o.pow(2).sum(-1)
+    d, ref = row_sq_error(candidate, oracle, k), row_sq_norm(oracle, k)
     experts = oracle.shape[0] if oracle.dim() == 3 else None
     return local_damage_from_sums(d, expected_sq_rows, ref, experts, factor, floor, max(k // max(block, 1), 1),
                                   min_rel_sq)

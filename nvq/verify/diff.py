@@ -34,7 +34,7 @@ import torch
 from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage, local_damage
 from nvq.verify.hints import Evidence, weight_hint
-from nvq.verify.metrics import cosine, max_abs, rel_l2
+from nvq.verify.metrics import cosine, max_abs, rel_l2, row_sq_error
 from nvq.verify.taps import ForwardRun, tap_layer
 
 KLD_LOG_P_MIN = -16.0  # llama-perplexity drops tokens with log p_base ≤ −16 from the KLD sum
@@ -251,7 +251,7 @@ def _local(got, ref, draws, scheme, th: Thresholds, slack: float) -> LocalDamage
     if scheme is not None and scheme.name == "gptq":  # rows carry no signal for GPTQ (below)
         return LocalDamage()
     k = ref.shape[-1]
-    sq = torch.stack([(d.double() - ref.double()).reshape(-1, k).pow(2).sum(-1) for d in draws]).mean(0)
+    sq = torch.stack([row_sq_error(d, ref, k) for d in draws]).mean(0)
     return local_damage(got, ref, sq, th.weight_factor * slack, th.weight_floor, scale_block(scheme, k))
 
 
