@@ -49,6 +49,10 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+# the engines `nvq verify --serve-as` models (nvq.verify.serving.SERVINGS)
+ServeAs = Enum("ServeAs", {name.replace("-", "_"): name for name in ("checkpoint", "vllm", "vllm-sm100")}, type=str)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"nvq {__version__}")
@@ -182,6 +186,7 @@ def verify(
     draws: Annotated[int, typer.Option("--draws", min=1, max=16, help="Expected-noise draws against a lossy oracle (each one more forward).")] = 2,
     teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
     fp64: Annotated[bool, typer.Option("--fp64", help="Run the reference forwards in float64 instead of float32.")] = False,
+    serve_as: Annotated[ServeAs, typer.Option("--serve-as", help="Run the candidate as this engine serves it: checkpoint (its own arithmetic), vllm (GPTQ scales in the model dtype), vllm-sm100 (and MXFP4 inputs quantized, Blackwell).")] = ServeAs.checkpoint,
 ) -> None:
     """Certify a checkpoint layer by layer against a GGUF oracle; exit 0 pass, 1 fail, 2 bad input."""
     from nvq import report
@@ -193,7 +198,7 @@ def verify(
                        n_tokens=tokens, max_tokens=max_tokens, device=device.value,
                        thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
                        precision="fp64" if fp64 else "fp32", draws=draws, progress=progress,
-                       n_sequences=sequences)
+                       n_sequences=sequences, serve_as=ServeAs(serve_as).value)
 
     cert = _guard(job)
     report.print_verify(cert)

@@ -113,6 +113,7 @@ def convert_summary_dict(s: ConvertSummary) -> dict:
         "backend": "+".join(s.backends),
         "fp32_groups": s.fp32_groups,
         "warnings": s.warnings,
+        "serving_notes": s.serving_notes,
         **({"gptq": gptq_summary_dict(s.gptq)} if s.gptq else {}),
     }
 
@@ -147,6 +148,8 @@ def gptq_summary_line(g) -> str:
 def print_convert_summary(s: ConvertSummary) -> None:
     for w in s.warnings:
         err.print(f"[yellow]warning:[/] {w}")
+    for note in s.serving_notes:
+        err.print(f"[yellow]note:[/] {note}")
     if s.fp32_groups:
         err.print(
             f"[yellow]note:[/] {len(s.fp32_groups)} fp16 fusion group(s) had amax < 0.041 and were quantized with "

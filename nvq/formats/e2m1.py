@@ -68,7 +68,7 @@ def encode(y: Tensor, rounding: Rounding = Rounding.RNE) -> Tensor:
     magnitude = y.abs()
     midpoints = torch.tensor(E2M1_MIDPOINTS, dtype=torch.float32, device=y.device)
     # bucketize counts the midpoints strictly below |y|: nearest magnitude, ties down.
-    code = torch.bucketize(magnitude, midpoints)
+    code = torch.bucketize(magnitude, midpoints, out_int32=True)
     if rule.ties_up:
         ties_up = torch.tensor(rule.ties_up, dtype=torch.float32, device=y.device)
         code = code + torch.isin(magnitude, ties_up)

@@ -231,11 +231,26 @@ def set_linear_observer(observer) -> None:
     _observer = observer
 
 
+class InputQuantized(torch.Tensor):
+    """A weight whose Linear quantizes its input first, as an engine serving it does
+    (`nvq.verify.serving`); subclasses name the quantizer. The type survives casts and indexing."""
+
+    @staticmethod
+    def quantize_input(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _served(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(weight, InputQuantized):
+        return type(weight).quantize_input(x), weight.as_subclass(torch.Tensor)
+    return x, weight
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x `[T, in]` · Wᵀ (`[out, in]`) + b."""
     if _observer is not None:
         _observer(x, weight, None)
-    return F.linear(x, weight, bias)
+    return F.linear(*_served(x, weight), bias)
 
 
 # A fused expert stack `[E, rows, cols]`, or a function giving expert e's `[rows, cols]` (a lazy
@@ -247,7 +262,7 @@ def _expert_linear(x: torch.Tensor, stack: ExpertStack, e: int) -> torch.Tensor:
     """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
     if _observer is not None:
         _observer(x, stack, e)
-    return F.linear(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e))
+    return F.linear(*_served(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e)))
 
 
 def glu_mlp(

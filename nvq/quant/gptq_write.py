@@ -15,6 +15,7 @@ from nvq.formats import int4
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import ShardedWriter
 from nvq.layouts import gptq as layout
+from nvq.layouts import vllm_names
 from nvq.models.base import Role
 from nvq.quant import calib, calibrate
 from nvq.quant.calibrate import GPTQReport, LayerDone
@@ -89,13 +90,32 @@ def quantize_all(ckpt: Checkpoint, plan: Plan, s: GPTQSettings, writer: ShardedW
 
 
 def _skip_patterns(plan: Plan) -> dict[str, dict]:
-    """GPTQModel `dynamic` entries ("-:regex", matched against module names) for Linear modules
-    kept dense, so engines do not expect qweight there: routers, recipe-kept layers, and the
-    architecture's towers (its compressed-tensors `re:` ignore patterns)."""
-    dense = sorted({u.out.rsplit(".", 1)[0] for u in plan.kept if u.role in (Role.LINEAR, Role.ROUTER)})
-    skips = {f"-:^{re.escape(m)}$": {} for m in dense}
+    """GPTQModel `dynamic` entries ("-:regex", matched from the start of module names) for what is
+    kept dense, so engines build no GPTQ layer there: routers, recipe-kept Linears and expert
+    stacks, and the architecture's towers. vLLM matches them against its runtime names, so each
+    pattern also takes those (`nvq.layouts.vllm_names`)."""
+    skips = {f"-:{vllm_names.runtime_regex(m)}": {} for m in plan.dense_modules()}
+    skips.update({f"-:{vllm_names.expert_stack_regex(m)}": {} for m in plan.dense_expert_stacks()})
     skips.update({"-:" + p.removeprefix("re:"): {} for p in plan.arch.ignore_patterns if p.startswith("re:")})
     return skips
+
+
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _quantized_modules(plan: Plan) -> list[list[str]]:
+    """`modules_in_block_to_quantize`: the quantized Linear modules by full HF name, one list per
+    decoder layer, with the shards vLLM fuses them with that the checkpoint lacks (v_proj on a
+    k_eq_v layer). Without it vLLM infers the list from the weights' dtypes and refuses a fused
+    layer whose shards are not all present (vLLM issue 53992). Per-expert slices of a fused stack
+    are left out: vLLM's MoE layer never consults the list, and they are no HF modules."""
+    quantized = sorted({u.out for u in plan.quantized if u.rows is None and u.role is Role.LINEAR})
+    named = sorted(set(quantized) | set(vllm_names.absent_siblings(quantized, plan.linear_modules())))
+    by_layer: dict[int, list[str]] = {}
+    for m in named:
+        hit = LAYER_INDEX.search(m + ".")
+        by_layer.setdefault(int(hit[1]) if hit else -1, []).append(m)
+    return [by_layer[k] for k in sorted(by_layer)]
 
 
 def quantization_config(plan: Plan, s: GPTQSettings) -> dict:
@@ -103,4 +123,7 @@ def quantization_config(plan: Plan, s: GPTQSettings) -> dict:
     skips = _skip_patterns(plan)
     if skips:
         qc["dynamic"] = skips
+    modules = _quantized_modules(plan)
+    if modules:  # an empty list would mean "infer it" to vLLM
+        qc["modules_in_block_to_quantize"] = modules
     return qc

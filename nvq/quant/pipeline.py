@@ -27,6 +27,7 @@ from nvq.models.base import Role
 from nvq.quant import gptq_write, tp
 from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
+from nvq.verify.serving import serving_notes
 
 CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 working copy
 GROUP_CACHE_BYTES = 512 << 20  # groups up to this size are read once, larger ones twice (amax, codes)
@@ -53,6 +54,7 @@ class ConvertSummary:
     device: str
     fp32_groups: list[str] = field(default_factory=list)  # fp16 groups quantized in fp32 (see below)
     warnings: list[str] = field(default_factory=list)
+    serving_notes: list[str] = field(default_factory=list)  # where engines serve it differently
     backends: list[str] = field(default_factory=list)  # what quantized: "kernels" and/or "reference"
     gptq: gptq_write.GPTQSummary | None = None  # method, calibration and per-layer errors (gptq only)
 
@@ -190,6 +192,7 @@ def convert(
         out=out, scheme=scheme, quantized=len(plan.quantized), kept=len(plan.kept), dropped=len(plan.dropped),
         params=sum(u.numel for u in plan.units), params_quantized=sum(u.numel for u in plan.quantized),
         bytes_written=0, bytes_quantized=0, seconds=0.0, device=str(dev), warnings=list(plan.warnings),
+        serving_notes=serving_notes(scheme, ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
     )
     tick = progress or (lambda n, name: None)
     with atomic_output_dir(out, force) as tmp:

@@ -15,6 +15,7 @@ from nvq.formats.constants import GPTQ_DEFAULT_GROUP
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import OutputTensor
 from nvq.layouts import compressed_tensors as ct
+from nvq.layouts import vllm_names
 from nvq.layouts.gptq import GPTQLayout
 from nvq.models import Architecture, for_config
 from nvq.models.base import EXPERT_ROLES, QUANTIZABLE_ROLES, Mapped, Role
@@ -119,10 +120,27 @@ class Plan:
                 out.append(OutputTensor(u.out, u.dtype, u.shape))
         return out
 
+    def dense_modules(self) -> list[str]:
+        """Linear modules (and routers) kept dense, by HF module name."""
+        return sorted({u.out.rsplit(".", 1)[0] for u in self.kept if u.role in (Role.LINEAR, Role.ROUTER)})
+
+    def dense_expert_stacks(self) -> list[str]:
+        """Fused expert stacks kept dense, by HF module name ("….layers.0.experts")."""
+        return sorted({u.out.rsplit(".", 1)[0] for u in self.kept if u.role in EXPERT_ROLES})
+
+    def linear_modules(self) -> set[str]:
+        """Every Linear module of the output, quantized or dense."""
+        return {u.out if u.scheme else u.out.rsplit(".", 1)[0] for u in self.units if u.role is Role.LINEAR}
+
     def ignore_list(self) -> list[str]:
-        """Dense Linear modules a compressed-tensors config must name (all else is quantized)."""
-        dense = sorted({u.out.rsplit(".", 1)[0] for u in self.kept if u.role in (Role.LINEAR, Role.ROUTER)})
-        return ["lm_head", *[m for m in dense if m != "lm_head"], *self.arch.ignore_patterns]
+        """Dense modules a compressed-tensors config must name (all else is quantized): dense
+        Linears with the shards vLLM fuses them with that the checkpoint lacks, dense expert
+        stacks as patterns of vLLM's names for them, and the architecture's towers."""
+        dense = self.dense_modules()
+        placeholders = vllm_names.absent_siblings(dense, self.linear_modules())
+        stacks = [f"re:{vllm_names.expert_stack_regex(m)}" for m in self.dense_expert_stacks()]
+        named = sorted(set(dense) | set(placeholders))
+        return ["lm_head", *[m for m in named if m != "lm_head"], *stacks, *self.arch.ignore_patterns]
 
 
 def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe, group_size: int | None = None) -> Plan:

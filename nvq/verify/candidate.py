@@ -40,6 +40,7 @@ from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, for_config
 from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
+from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
 
 # safetensors dtype → dense scheme name (what storing an fp32 value in that dtype does to it).
 DENSE_SCHEMES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "F64": "f64"}
@@ -174,6 +175,8 @@ GPTQ_CLIENT_CHECKS = {
 }
 # config.json torch_dtype / dtype → the dtype vLLM holds the scales in
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# served scale dtype → the GPTQ scheme profile that says so (fp16 → fp32 is exact: no profile)
+SCALE_PROFILES = {torch.bfloat16: "bf16-scales"}
 
 
 def _finding(tensor: str, check: str, what: str, rel_l2: float | None = None) -> ClientFinding:
@@ -187,7 +190,7 @@ def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return d / n if n > 0 else d
 
 
-def _gptq_codec(qc: dict, path: Path) -> Codec:
+def _gptq_codec(qc: dict, path: Path, serving: Serving = SERVINGS[DEFAULT_SERVING]) -> Codec:
     # GPTQ v1 / v2 (formats.md §4.1), read with g_idx and qzeros as GPTQModel and llama.cpp do.
     bits, group = qc.get("bits"), qc.get("group_size", -1)
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
@@ -199,12 +202,13 @@ def _gptq_codec(qc: dict, path: Path) -> Codec:
     sym, desc_act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
     config = load_config(path)
     dtype = MODEL_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype")))
+    served = dtype if serving.gptq_scales_in_model_dtype else None  # vLLM's scales parameter
 
     def read(module: str, t: dict[str, torch.Tensor]) -> ModuleRead:
         m = gptq_layout.unpack(t, fmt)
-        w = m.weight()
-        findings = tuple(_gptq_module_findings(f"{module}.weight", m, w, fmt, sym, desc_act, dtype))
-        return ModuleRead(w, m.g_idx, m.trivial, findings)
+        stored = m.weight()
+        findings = tuple(_gptq_module_findings(f"{module}.weight", m, stored, fmt, sym, desc_act, dtype))
+        return ModuleRead(m.weight(scale_dtype=served) if served else stored, m.g_idx, m.trivial, findings)
 
     config_findings = []
     if desc_act and group != -1:
@@ -214,7 +218,7 @@ def _gptq_codec(qc: dict, path: Path) -> Codec:
         config_findings.append(_finding("quantization_config", "asym-refused",
                                         "sym false: vLLM 0.33 loads only symmetric GPTQ"))
     # -1: one group per row; the expected-noise model then uses the whole row as the group
-    return Codec(Scheme("gptq", None, 1, group), "qweight", ("qweight", "qzeros", "scales"),
+    return Codec(Scheme("gptq", SCALE_PROFILES.get(served), 1, group), "qweight", ("qweight", "qzeros", "scales"),
                  lambda t: read("", t).weight, optional=("g_idx",), read=read, findings=tuple(config_findings))
 
 
@@ -241,7 +245,7 @@ def _gptq_module_findings(tensor: str, m: gptq_layout.GPTQModule, w: torch.Tenso
     return out
 
 
-def _ct_codec(qc: dict, path: Path) -> Codec:
+def _ct_codec(qc: dict, path: Path, serving: Serving | None = None) -> Codec:
     formats = {qc.get("format")} | {
         g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)
     }
@@ -255,7 +259,7 @@ def _ct_codec(qc: dict, path: Path) -> Codec:
     return CT_CODECS[known[0]]
 
 
-def _modelopt_codec(qc: dict, path: Path) -> Codec:
+def _modelopt_codec(qc: dict, path: Path, serving: Serving | None = None) -> Codec:
     algo = str(qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo") or "")
     if "FP4" not in algo.upper():
         raise CheckpointError(
@@ -265,7 +269,7 @@ def _modelopt_codec(qc: dict, path: Path) -> Codec:
 
 
 # quant_method → how to pick the codec from the quantization_config. None: dense checkpoint.
-READERS: dict[str | None, Callable[[dict, Path], Codec] | None] = {
+READERS: dict[str | None, Callable[[dict, Path, Serving], Codec] | None] = {
     None: None,
     "compressed-tensors": _ct_codec,
     "modelopt": _modelopt_codec,
@@ -391,7 +395,7 @@ class Layout:
         return leaves[0] if len(leaves) == 1 else torch.cat(leaves)
 
 
-def open_layout(path: str | Path) -> Layout:
+def open_layout(path: str | Path, serving: Serving = SERVINGS[DEFAULT_SERVING]) -> Layout:
     """Headers and config of a candidate directory → its Layout (CheckpointError for a format nvq
     does not verify, an incomplete quantized module, incomplete or mixed expert modules)."""
     ckpt = Checkpoint.open(path)
@@ -404,7 +408,7 @@ def open_layout(path: str | Path) -> Layout:
             f"and {methods}."
         )
     pick = READERS[key]
-    codec = pick(qc, ckpt.path) if pick else None
+    codec = pick(qc, ckpt.path, serving) if pick else None
     arch = for_config(ckpt.config)
     hf = _hf_sources(ckpt, codec)
     names = canonical_names(ckpt, arch, hf)

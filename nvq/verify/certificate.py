@@ -111,6 +111,7 @@ def build(result) -> dict:
         },
         "thresholds": result.thresholds.as_dict(),
         "mode": "teacher-forced" if result.teacher_forced else "free-running",
+        "served_as": {"name": result.serving.name, "what": result.serving.what},
         "device": result.device,
         "precision": result.precision,
         "seconds": round(result.seconds, 3),

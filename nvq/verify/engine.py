@@ -47,6 +47,7 @@ from nvq.verify.diff import (
 )
 from nvq.verify.hints import Evidence, weight_hint
 from nvq.verify.noise import STORE, apply_scheme, fusion_scales, original_draw
+from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, ServedView, Serving
 from nvq.verify.taps import STREAM_TAPS
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24  # float64 logits per lane in one LM-head block (128 MiB)
@@ -395,6 +396,7 @@ def stream_verify(
     th: Thresholds,
     teacher_forced: bool = False,
     on_stage: Callable[[int, int], None] | None = None,
+    serving: Serving = SERVINGS[DEFAULT_SERVING],
 ) -> StreamResult:
     """Run every lane over `sequences` layer by layer and return tap, weight and logit figures."""
     if device.type != "cpu":
@@ -403,13 +405,17 @@ def stream_verify(
     lossy = draws > 0
     noise = NoiseModel(o_cache, schemes, noise_fusion, groups, source_dtype, lossy)
     draw_ids = list(range(1, draws + 1)) or [0]
+
+    def served(weights):  # the candidate and its expected draws run as the engine serves them
+        return ServedView(weights, schemes, serving) if serving.needs_view(schemes) else weights
+
     lanes = [Lane("oracle", oracle_arch, o_cache)]
-    lanes.append(Lane("candidate", candidate_arch, c_cache, taps_kept=not teacher_forced, logits_kept=True))
-    lanes += [Lane(f"expected-{k}", oracle_arch, ExpectedLane(noise, k), draw=k, taps_kept=not teacher_forced,
-                   logits_kept=True) for k in draw_ids]
+    lanes.append(Lane("candidate", candidate_arch, served(c_cache), taps_kept=not teacher_forced, logits_kept=True))
+    lanes += [Lane(f"expected-{k}", oracle_arch, served(ExpectedLane(noise, k)), draw=k,
+                   taps_kept=not teacher_forced, logits_kept=True) for k in draw_ids]
     if teacher_forced:
-        lanes.append(Lane("candidate-forced", candidate_arch, c_cache, forced=True, taps_kept=True))
-        lanes += [Lane(f"expected-{k}-forced", oracle_arch, ExpectedLane(noise, k), draw=k, forced=True,
+        lanes.append(Lane("candidate-forced", candidate_arch, served(c_cache), forced=True, taps_kept=True))
+        lanes += [Lane(f"expected-{k}-forced", oracle_arch, served(ExpectedLane(noise, k)), draw=k, forced=True,
                        taps_kept=True) for k in draw_ids]
     order: dict[str, None] = {}
     recorders = [RecordingTaps(order) for _ in sequences]

@@ -34,6 +34,7 @@ from nvq.verify.diff import (
 from nvq.verify.engine import stream_verify
 from nvq.verify.noise import DEFAULT_DRAWS, fusion_groups
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
+from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
 from nvq.verify.sources import open_candidate
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
@@ -61,6 +62,7 @@ class VerifyResult:
     tokenizer_findings: list[findings.Finding] = field(default_factory=list)
     resources: dict = field(default_factory=dict)  # peak host RSS and GPU memory, in bytes
     input_hashes: Any = None  # Future of (candidate file hashes, oracle sha256), computed alongside
+    serving: Serving = SERVINGS[DEFAULT_SERVING]  # whose arithmetic the candidate ran under
 
     @property
     def level(self) -> str:
@@ -141,14 +143,18 @@ def verify(
     draws: int = DEFAULT_DRAWS,
     progress: Callable[[int, int], None] | None = None,
     n_sequences: int = 1,
+    serve_as: str = DEFAULT_SERVING,
 ) -> VerifyResult:
     started = time.perf_counter()
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if serve_as not in SERVINGS:
+        raise ConfigError(f"--serve-as {serve_as!r} is not one of {', '.join(SERVINGS)}.")
+    serving = SERVINGS[serve_as]
     dtype = PRECISIONS[precision]
     th = thresholds or Thresholds()
     dev = resolve_device(device)
-    cand = open_candidate(candidate, dev)
+    cand = open_candidate(candidate, dev, serving)
     orc = load_oracle(oracle, cand)
     hashes = certificate.start_hashing(cand.path, orc.path)
     tokens = token_ids(cand, prompt, prompt_file, n_tokens, max_tokens, n_sequences)
@@ -163,7 +169,8 @@ def verify(
     fusion = fusion_groups(cand.arch.table, list(orc.tensors))
     try:
         res = stream_verify(o_arch, arch, orc.tensors, cand.tensors, cand.schemes, fusion, cand.group_index,
-                            _source_dtype(cand), n_draws, seqs, dev, dtype, th, teacher_forced, progress)
+                            _source_dtype(cand), n_draws, seqs, dev, dtype, th, teacher_forced, progress,
+                            serving)
     except (KeyError, RuntimeError, ValueError) as e:
         raise ConfigError(
             f"the oracle {orc.path} does not run under the config its GGUF implies ({_one_line(e)}); "
@@ -186,7 +193,7 @@ def verify(
     return VerifyResult(
         cand, orc, tokens, th, teacher_forced, str(dev), taps, weights, logits, first,
         time.perf_counter() - started, error, notes, precision, n_draws, configs, vocab,
-        resources=_resources(res.peak_gpu_bytes), input_hashes=hashes,
+        resources=_resources(res.peak_gpu_bytes), input_hashes=hashes, serving=serving,
     )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from nvq.io.rows import read_row_set
 from nvq.verify.candidate import Candidate, Layout, Scheme, Source, merge_findings, open_layout
+from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
 
 
 class CandidateSource(Mapping[str, torch.Tensor]):
@@ -32,8 +33,9 @@ class CandidateSource(Mapping[str, torch.Tensor]):
         self.layout = layout
 
     @classmethod
-    def open(cls, path: str | Path, device: str | torch.device = "cpu") -> CandidateSource:
-        layout = open_layout(path)
+    def open(cls, path: str | Path, device: str | torch.device = "cpu",
+             serving: Serving = SERVINGS[DEFAULT_SERVING]) -> CandidateSource:
+        layout = open_layout(path, serving)
         layout.device = torch.device(device)
         return cls(layout)
 
@@ -125,11 +127,12 @@ def shape_of(tensors, name: str) -> tuple[int, ...]:
     return tuple(shape(name)) if callable(shape) else tuple(tensors[name].shape)
 
 
-def open_candidate(path: str | Path, device: str | torch.device = "cpu") -> Candidate:
+def open_candidate(path: str | Path, device: str | torch.device = "cpu",
+                   serving: Serving = SERVINGS[DEFAULT_SERVING]) -> Candidate:
     """A candidate whose tensors are a `CandidateSource` (read on access). Group indices and client
     findings of quantized modules whose codec reports them (GPTQ) are gathered module by module,
     keeping none of the weights."""
-    source = CandidateSource.open(path, device)
+    source = CandidateSource.open(path, device, serving)
     lay = source.layout
     cand = Candidate(lay.ckpt.path, lay.arch, lay.ckpt.config, source, source.schemes, lay.format,
                      client_findings=list(lay.codec.findings if lay.codec else ()))

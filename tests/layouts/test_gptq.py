@@ -129,14 +129,21 @@ def test_v2_and_act_order_g_idx_decode():
     assert torch.equal(gptq.dequantize(tensors, "gptq"), (scales.float()[g_idx] * (codes - zeros[g_idx] - 1).float()).t())
 
 
-def test_transformers_gptq_config_reads_the_fields(rtn_checkpoint):
+def test_transformers_gptq_config_reads_the_fields(rtn_checkpoint, monkeypatch):
     # transformers 5.23 parses the quantization_config with GPTQConfig (loading the weights
-    # needs gptqmodel + optimum, which vLLM does not; formats.md §4.2)
+    # needs gptqmodel + optimum, which vLLM does not; formats.md §4.2). With
+    # modules_in_block_to_quantize set it asks optimum's version, as its GPTQ loader does anyway:
+    # this venv has no optimum, so it is given the least version that takes the field.
+    import importlib.metadata
+
     from transformers import GPTQConfig
 
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "1.15.0" if d == "optimum" else real_version(d))
     _, out = rtn_checkpoint
     cfg = GPTQConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
     assert (cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.format) == (4, 32, True, False, "gptq")
+    assert cfg.modules_in_block_to_quantize and all(isinstance(x, list) for x in cfg.modules_in_block_to_quantize)
 
 
 def _words(x: torch.Tensor) -> torch.Tensor:
