@@ -155,7 +155,7 @@ def _unwind_parents(made: list[Path]) -> None:
 
 
 @contextmanager
-def _signals_as_interrupts() -> Iterator[None]:
+def signals_as_interrupts() -> Iterator[None]:
     """SIGTERM/SIGHUP raise Terminated so cleanup runs as for Ctrl-C (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -190,7 +190,7 @@ def atomic_output_dir(
     out = Path(out)
     output_guard.refuse_dot_names(out)
     output_guard.refuse_overlap(out, list(inputs))
-    with _signals_as_interrupts():
+    with signals_as_interrupts():
         made = _missing_ancestors(out)
         try:
             recover_stale(out)

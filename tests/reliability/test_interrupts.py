@@ -133,3 +133,16 @@ def test_replace_without_exchange_still_lands_and_leaves_nothing(tmp_path, monke
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "config.json").write_text("new")
     assert _entries(tmp_path) == ["model"] and (out / "config.json").read_text() == "new"
+
+
+def test_certificate_leftovers_of_dead_runs_are_tidied(tmp_path):
+    from nvq.verify.certificate import write_atomically
+
+    dead = _dead_pid()
+    (tmp_path / f".cert.json.nvq-tmp-{dead}").write_text("half")
+    (tmp_path / f".cert.md.nvq-old-{dead}").write_text("old markdown")  # cert.md itself missing
+    write_atomically({tmp_path / "cert.json": "{}", tmp_path / "cert.xml": "<x/>"})
+    assert _entries(tmp_path) == [f".cert.md.nvq-old-{dead}", "cert.json", "cert.xml"]  # not this run's file
+    write_atomically({tmp_path / "cert.md": "new"})
+    assert _entries(tmp_path) == ["cert.json", "cert.md", "cert.xml"]
+    assert (tmp_path / "cert.md").read_text() == "new"
