@@ -90,7 +90,8 @@ def convert(
     recipe: RecipeOpt = None,
     dtype: Annotated[DenseDtype | None, typer.Option("--dtype", help="Weight dtype of the dense --scheme bf16 output (float32 keeps dequantized values exactly).")] = None,
     device: Annotated[Device, typer.Option("--device", help="Where to quantize.")] = Device.auto,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an earlier nvq output (config, weights, tokenizer files only).")] = False,
+    force_replace_any: Annotated[bool, typer.Option("--force-replace-any", help="Replace OUT whatever it holds (never an input, nor a folder holding one).")] = False,
     max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", min=0.001, help="Largest output shard, in GB.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     method: Annotated[Method | None, typer.Option("--method", help="gptq: calibrated GPTQ (default); rtn: round to nearest, no calibration.")] = None,
@@ -117,7 +118,8 @@ def convert(
     def job():
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
                 report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
-            return run_convert(src, out, scheme.value, recipe=recipe, device=device.value, force=force,
+            return run_convert(src, out, scheme.value, recipe=recipe, device=device.value,
+                               force=force or force_replace_any, replace_any=force_replace_any,
                                max_shard_bytes=int(max_shard_gb * 1e9), progress=tick,
                                dtype=dtype.value if dtype else None, gptq=gptq, tp_size=tp_size,
                                layer_progress=layer_done)
@@ -249,9 +251,9 @@ def _guard(job):
             traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP raised as nvq.io.atomic.Terminated
         typer.echo("interrupted; nothing was left half-written.", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
 
 def main() -> None:

@@ -36,3 +36,7 @@ class OutputExistsError(NvqError):
 
 class KernelBuildError(NvqError):
     """The CUDA kernels cannot be built or loaded (no nvcc, no GPU or --arch, a compile error)."""
+
+
+class OutputWriteError(NvqError):
+    """The output cannot be written: disk full, read-only, no permission."""

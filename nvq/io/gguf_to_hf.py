@@ -95,6 +95,7 @@ def convert_gguf_to_hf(
     force: bool = False,
     max_shard_bytes: int = 5 * 10**9,
     progress: Progress | None = None,
+    replace_any: bool = False,
 ) -> DenseExport:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported for dense output; allowed: {', '.join(DTYPES)}.")
@@ -110,7 +111,7 @@ def convert_gguf_to_hf(
         consumed=dict(model.consumed), dropped=dropped,
         params=sum(t.unit.numel for t in targets), bytes_written=sum(o.nbytes for o in outputs),
     )  # fmt: skip
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, replace_any=replace_any, inputs=[Path(src)]) as tmp:
         for name in model.consumed:  # read into the config; counted so progress reaches the total
             tick(model.gguf.info(name).nbytes, name)
         with ShardedWriter(tmp, outputs, max_shard_bytes) as writer:

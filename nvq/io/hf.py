@@ -7,7 +7,9 @@ Hub ids resolve through the local Hugging Face cache only: nvq never downloads.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,34 @@ def _resolve(src: str | Path) -> Path:
         ) from None
 
 
+def _link_root(root: Path) -> Path:
+    """Where links may point: the checkpoint itself or, for a Hub cache snapshot, the model's
+    cache folder, since snapshots link every file to ../../blobs."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def _refuse_outside_link(root: Path, path: Path) -> None:
+    """A file linked out of the checkpoint could carry a private file into a shared output."""
+    base, target = _link_root(root), path.resolve()
+    if target != base and base not in target.parents:
+        raise CheckpointError(
+            f"{path} links to {target}, outside the checkpoint directory {base}; nvq does not "
+            f"follow links out of a checkpoint, copy the file in instead."
+        )
+
+
+def copy_keeping_mode(src: Path, dst: Path) -> None:
+    """Copy bytes into a new file whose mode is no wider than the source's (a 0600 file stays
+    private); the umask can only narrow it further."""
+    mode = os.stat(src).st_mode & 0o666
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
 def _shards_from_index(root: Path, index_path: Path) -> list[tuple[Path, set[str] | None]]:
     """(file, tensors the index places there) for every file the index names."""
     index = _load_json(index_path, CheckpointError)
@@ -199,6 +229,9 @@ class Checkpoint:
     @classmethod
     def open(cls, src: str | Path) -> Checkpoint:
         root = _resolve(src)
+        for name in (CONFIG_NAME, INDEX_NAME):
+            if (root / name).exists():
+                _refuse_outside_link(root, root / name)
         config = load_config(root)
         index_path = root / INDEX_NAME
         if index_path.is_file():
@@ -215,6 +248,8 @@ class Checkpoint:
 
         tensors: dict[str, TensorInfo] = {}
         file_metadata: dict[Path, dict[str, str]] = {}
+        for path, _ in shards:
+            _refuse_outside_link(root, path)
         for path, expected in shards:
             infos, meta = read_header(path)
             file_metadata[path] = meta
@@ -247,5 +282,18 @@ class Checkpoint:
         return read_rows(self.info(name), start, stop)
 
     def side_files(self) -> list[Path]:
-        """The SIDE_FILES present here, to copy verbatim into a converted output."""
-        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+        """The SIDE_FILES present here, to copy verbatim into a converted output; a link out of
+        the checkpoint is refused."""
+        files = [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+        for f in files:
+            _refuse_outside_link(self.path, f)
+        return files
+
+    def copy_side_files(self, dst_dir: Path) -> None:
+        for f in self.side_files():
+            copy_keeping_mode(f, dst_dir / f.name)
+
+    def input_paths(self) -> list[Path]:
+        """Every path this checkpoint reads, which an output must never replace or contain."""
+        shards = {info.path for info in self.tensors.values()}
+        return [self.path, *sorted(shards), *self.side_files()]

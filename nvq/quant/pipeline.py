@@ -7,7 +7,6 @@ chunk: reads go through `read_rows`, never through a whole-model load.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -158,11 +157,13 @@ def convert(
     gptq: gptq_write.GPTQSettings | None = None,
     tp_size: int | None = None,
     layer_progress: gptq_write.LayerDone | None = None,
+    replace_any: bool = False,
 ) -> ConvertSummary:
     """SRC (HF directory, or GGUF file for scheme bf16) → OUT. `dtype` ("bfloat16", "float32")
     is the weight dtype of the dense bf16-scheme output; it does not apply to quantized schemes.
     `gptq` holds the GPTQ method and calibration settings; `tp_size` checks tensor-parallel
-    alignment (any scheme)."""
+    alignment (any scheme). `force` replaces an earlier nvq output at OUT; `replace_any` (with
+    `force`) replaces whatever directory is there. OUT may never be, hold, or sit inside SRC."""
     started = time.perf_counter()
     if is_gguf(src):
         if scheme != DENSE_SCHEME:
@@ -171,7 +172,8 @@ def convert(
                 f"(--scheme {DENSE_SCHEME}); convert it to {DENSE_SCHEME} first, then quantize "
                 f"that directory with --scheme {scheme}."
             )
-        return _convert_gguf(src, out, dtype or "bfloat16", force, max_shard_bytes, progress, started)
+        return _convert_gguf(src, out, dtype or "bfloat16", force, replace_any, max_shard_bytes, progress,
+                             started)
     if scheme == DENSE_SCHEME:
         raise ConfigError(
             f"--scheme {DENSE_SCHEME} converts a GGUF file to a dense checkpoint; {src} is not a "
@@ -195,7 +197,7 @@ def convert(
         serving_notes=serving_notes(scheme, ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
     )
     tick = progress or (lambda n, name: None)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, replace_any=replace_any, inputs=ckpt.input_paths()) as tmp:
         outputs = plan.output_tensors()
         writer = ShardedWriter(tmp, outputs, max_shard_bytes)
         for group in plan.groups():
@@ -206,19 +208,19 @@ def convert(
             summary.backends.append("reference")
         writer.close()
         _write_config(ckpt, plan, tmp, gptq)
-        for f in ckpt.side_files():
-            shutil.copyfile(f, tmp / f.name)
+        ckpt.copy_side_files(tmp)
         summary.bytes_written = sum(t.nbytes for t in outputs)
         summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in plan.layout.output_tensors(u.out, u.shape))
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _convert_gguf(src, out, dtype: str, force: bool, max_shard_bytes: int, progress: Progress | None,
-                  started: float) -> ConvertSummary:
+def _convert_gguf(src, out, dtype: str, force: bool, replace_any: bool, max_shard_bytes: int,
+                  progress: Progress | None, started: float) -> ConvertSummary:
     from nvq.io.gguf_to_hf import convert_gguf_to_hf
 
-    export = convert_gguf_to_hf(src, out, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes,
+    export = convert_gguf_to_hf(src, out, dtype=dtype, force=force, replace_any=replace_any,
+                                max_shard_bytes=max_shard_bytes,
                                 progress=progress)
     return ConvertSummary(
         out=export.out, scheme=DENSE_SCHEME if dtype == "bfloat16" else "f32",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nvq import __version__
 from nvq.errors import ConfigError
+from nvq.io import atomic
 
 LOGIT_KEYS = ("mean_kld", "kld_p99", "kld_p95", "kld_p90", "kld_median", "kld_max",
               "top1_agreement", "rms_dp", "mean_dp", "mean_ln_ppl_ratio", "dp_of", "positions")
@@ -284,6 +285,13 @@ def write_atomically(files: dict[Path, str]) -> None:
     the new files in, and only then delete the old ones. On any failure the old files are put
     back and no temporary is left: the targets hold all old or all new contents."""
     check_outputs(list(files))
+    for path in files:  # what killed runs left for these files: deleted, or put back if missing
+        atomic.recover_stale(path)
+    with atomic.signals_as_interrupts():
+        _write_all(files)
+
+
+def _write_all(files: dict[Path, str]) -> None:
     pid = os.getpid()
     tmps: list[tuple[Path, Path]] = []
     moved: list[tuple[Path, Path]] = []  # (old copy, target)

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from nvq.errors import ConfigError, RecipeError
+from nvq.io.output_guard import refuse_overlap
 from nvq.quant.pipeline import resolve_device
 from nvq.quant.recipe import load_recipe
 from nvq.verify import certificate, config_check, findings, tokenizer_check
@@ -229,6 +230,8 @@ def run(
 ) -> dict:
     """Verify, then write the certificate files asked for (all or none); returns the certificate."""
     outputs = {k: Path(p) for k, p in (("json", json_path), ("markdown", markdown_path), ("junit", junit_path)) if p}
+    for kind, path in outputs.items():  # a certificate must never overwrite what it certifies
+        refuse_overlap(path, [Path(candidate), Path(oracle)], what=f"--{kind}")
     certificate.check_outputs(list(outputs.values()))
     result = verify(candidate, oracle, **options)
     cert = certificate.build(result)

@@ -65,10 +65,10 @@ def test_existing_output_is_refused_without_force_and_left_untouched(tmp_path):
 def test_force_replaces_the_old_directory(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "model.safetensors").write_text("old")
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
-        assert (out / "stale.txt").exists()  # the old output stays readable until the end
+        assert (out / "model.safetensors").exists()  # the old output stays readable until the end
     assert _entries(out) == ["new.txt"]
     assert _entries(tmp_path) == ["model"]
 
@@ -76,12 +76,12 @@ def test_force_replaces_the_old_directory(tmp_path):
 def test_force_with_a_failure_keeps_the_old_directory(tmp_path):
     out = tmp_path / "model"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "config.json").write_text("old")
     with pytest.raises(ValueError):
         with atomic_output_dir(out, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise ValueError("bad tensor")
-    assert _entries(out) == ["keep.txt"]
+    assert _entries(out) == ["config.json"]
     assert _entries(tmp_path) == ["model"]
 
 

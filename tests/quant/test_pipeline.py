@@ -162,9 +162,9 @@ def test_existing_output_is_refused_without_force(tiny_llama, llama_nvfp4):
 def test_force_replaces_existing_output(tiny_llama, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "stale.txt").write_text("x")
+    (out / "model-00001-of-00009.safetensors").write_text("x")  # an earlier output's shard
     convert(tiny_llama, out, "mxfp4", device="cpu", force=True)
-    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert not (out / "model-00001-of-00009.safetensors").exists() and (out / "config.json").exists()
 
 
 def test_nan_weight_is_refused_and_nothing_is_written(tiny_llama, tmp_path):
