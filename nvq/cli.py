@@ -111,10 +111,10 @@ def convert(
     given = {k: v for k, v in dict(method=method and method.value, group_size=group_size, damp=damp,
                                    act_order=act_order, calib_file=calib_file, samples=calib_samples,
                                    seq_len=calib_seq_len).items() if v is not None}
-    gptq = GPTQSettings(**given) if given else None
     interactive = sys.stderr.isatty()
 
     def job():
+        gptq = GPTQSettings(**given) if given else None
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
                 report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
             return run_convert(src, out, scheme.value, recipe=recipe, device=device.value, force=force,

@@ -10,6 +10,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from nvq import limits
 from nvq.errors import RecipeError, TensorError
 from nvq.formats.constants import GPTQ_DEFAULT_GROUP
 from nvq.io.hf import Checkpoint
@@ -73,7 +74,8 @@ class CTLayout:
 
 def scheme_layout(scheme: str, group_size: int | None = None) -> CTLayout | GPTQLayout:
     if scheme == GPTQ:
-        return GPTQLayout(group_size or GPTQ_DEFAULT_GROUP)
+        limits.check_group_size(group_size)
+        return GPTQLayout(GPTQ_DEFAULT_GROUP if group_size is None else group_size)
     if group_size is not None and group_size != ct.LAYOUTS[scheme].group_size:
         raise RecipeError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size of "
                           f"{ct.LAYOUTS[scheme].group_size}.")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from nvq import limits
 from nvq.errors import ConfigError, RecipeError
 from nvq.quant.pipeline import resolve_device
 from nvq.quant.recipe import load_recipe
@@ -102,6 +103,7 @@ def load_thresholds(recipe: str | Path | None = None, factor: float | None = Non
             th = replace(th, **{k: float(v) for k, v in section.items()})
         except (TypeError, ValueError):
             raise RecipeError(f"recipe {recipe}: verify thresholds must be numbers.") from None
+    limits.check_option("--factor", factor)
     if factor is not None:
         th = replace(th, **{k: float(factor) for k in FACTORS})
     bad = [k for k, v in th.as_dict().items() if not v >= 0]
@@ -146,6 +148,10 @@ def verify(
     serve_as: str = DEFAULT_SERVING,
 ) -> VerifyResult:
     started = time.perf_counter()
+    for flag, value in (("--tokens", n_tokens), ("--max-tokens", max_tokens), ("--sequences", n_sequences)):
+        limits.check_option(flag, value)
+    if prompt_file is not None:  # refused before the checkpoint and the oracle are opened
+        limits.read_text_file(prompt_file, "--prompt-file")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     if serve_as not in SERVINGS:
