@@ -18,7 +18,7 @@ from nvq.io.safetensors import OutputTensor
 from nvq.layouts import compressed_tensors as ct
 from nvq.layouts import vllm_names
 from nvq.layouts.gptq import GPTQLayout
-from nvq.models import Architecture, for_config
+from nvq.models import Architecture, config_rules, for_config
 from nvq.models.base import EXPERT_ROLES, QUANTIZABLE_ROLES, Mapped, Role
 from nvq.quant.recipe import Recipe, Rule
 
@@ -156,6 +156,8 @@ def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe, group_size: int | 
         )
     arch = for_config(ckpt.config)
     mapped = arch.table.resolve_all(ckpt.tensors, arch.config)
+    config_rules.check_tensors(ckpt.path, arch.config,
+                               {m.canonical: ckpt.tensors[m.source].shape for m in mapped if m.canonical})
     units: list[Unit] = []
     used_rules: set[int] = set()
     for m in mapped:
