@@ -103,7 +103,7 @@ def convert(
     calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration sequence (default 2048).")] = None,
 ) -> None:
     """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
-    from nvq import report
+    from nvq import limits, report
     from nvq.quant.gptq_write import GPTQSettings
     from nvq.quant.pipeline import convert as run_convert
     from nvq.quant.pipeline import source_bytes
@@ -114,6 +114,7 @@ def convert(
     interactive = sys.stderr.isatty()
 
     def job():
+        limits.check_option("--max-shard-gb", max_shard_gb)
         gptq = GPTQSettings(**given) if given else None
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
                 report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:

@@ -19,6 +19,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "--sequences": (1, 1 << 20),
     "--factor": (1.0, 1e6),
     "--damp": (0.0, 1e3),
+    "--max-shard-gb": (0.001, 1e6),
 }
 
 # A prompt file is text read whole into memory; 16 MiB is thousands of times any prompt.

@@ -21,6 +21,12 @@ def test_convert_gptq_options(llama_copy, tmp_path, extra):
     refused("convert", llama_copy, out, "--scheme", "gptq", *extra, out=out, match=extra[0])
 
 
+@pytest.mark.parametrize("value", ["inf", "1e300"])
+def test_convert_max_shard_gb(llama_copy, tmp_path, value):
+    out = tmp_path / "out"
+    refused("convert", llama_copy, out, "--scheme", "nvfp4", "--max-shard-gb", value, out=out, match="--max-shard-gb")
+
+
 def test_plan_group_size_zero(llama_copy):
     refused("plan", llama_copy, "--scheme", "gptq", "--group-size", "0", match="--group-size 0")
 
