@@ -50,14 +50,14 @@ def read_text_file(path: str | Path, flag: str, max_bytes: int = MAX_PROMPT_FILE
     try:
         st = path.stat()
     except OSError as e:
-        raise ConfigError(f"{flag} {path} cannot be read ({e.strerror or e}).") from None
+        raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text ({e.strerror or e}).") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{flag} {path} is not a regular file; give a text file.")
     try:
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
-        raise ConfigError(f"{flag} {path} cannot be read ({e.strerror or e}).") from None
+        raise ConfigError(f"{flag} {path} cannot be read as UTF-8 text ({e.strerror or e}).") from None
     if len(data) > max_bytes:
         raise ConfigError(f"{flag} {path} is larger than {max_bytes >> 20} MiB; give a shorter text.")
     try:
