@@ -54,6 +54,13 @@ ROPE_RULES: dict[str, tuple[str, float, float]] = {
 }
 ROPE_TYPES = ("default", "linear", "llama3", "proportional")
 
+# Fields that must agree with each other: (field, other field, rule, what the rule says).
+PAIR_RULES: list[tuple[str, str, Callable[[int, int], bool], str]] = [
+    ("num_attention_heads", "num_key_value_heads", lambda a, b: a % b == 0, "a multiple of"),
+    ("num_kv_shared_layers", "num_hidden_layers", lambda a, b: a < b, "smaller than"),
+    ("top_k_experts", "num_experts", lambda a, b: a <= b, "at most"),
+]
+
 
 def check_fields(cfg) -> None:
     """Each shaping field of an HFConfig, where present and not null, is of its kind and range."""
@@ -61,6 +68,10 @@ def check_fields(cfg) -> None:
         value = cfg.get(key)
         if value is not None:
             _check(cfg.path, key, value, rule)
+    for key, other, holds, says in PAIR_RULES:
+        a, b = cfg.get(key), cfg.get(other)
+        if a is not None and b is not None and not holds(a, b):
+            raise ConfigError(f"{cfg.path}: field '{key}' is {a}; it must be {says} '{other}' ({b}).")
     for key in ("rope_parameters", "rope_scaling"):
         rope = cfg.get(key)
         if rope is None:

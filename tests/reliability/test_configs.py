@@ -43,6 +43,7 @@ CONFIG_CASES = {
     "rope_unknown_type": ({"rope_parameters": {"rope_type": "yarn2", "rope_theta": 1e4}},
                           "'rope_parameters.rope_type' is 'yarn2'"),
     "rope_not_a_mapping": ({"rope_parameters": [1, 2]}, "'rope_parameters' is [1, 2]"),
+    "kv_heads_not_dividing": ({"num_key_value_heads": 3}, "'num_attention_heads' is 4; it must be a multiple of"),
     "model_type_layers": ({"model_type": "layers"}, "model_type 'layers' is not supported"),
     "model_type_load": ({"model_type": "load"}, "model_type 'load' is not supported"),
     "model_type_init": ({"model_type": "__init__"}, "model_type '__init__' is not supported"),
