@@ -104,7 +104,7 @@ def convert(
     calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration sequence (default 2048).")] = None,
 ) -> None:
     """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
-    from nvq import report
+    from nvq import limits, report
     from nvq.quant.gptq_write import GPTQSettings
     from nvq.quant.pipeline import convert as run_convert
     from nvq.quant.pipeline import source_bytes
@@ -112,10 +112,11 @@ def convert(
     given = {k: v for k, v in dict(method=method and method.value, group_size=group_size, damp=damp,
                                    act_order=act_order, calib_file=calib_file, samples=calib_samples,
                                    seq_len=calib_seq_len).items() if v is not None}
-    gptq = GPTQSettings(**given) if given else None
     interactive = sys.stderr.isatty()
 
     def job():
+        limits.check_option("--max-shard-gb", max_shard_gb)
+        gptq = GPTQSettings(**given) if given else None
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
                 report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
             return run_convert(src, out, scheme.value, recipe=recipe, device=device.value,

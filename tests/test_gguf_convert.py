@@ -184,8 +184,16 @@ def write_small_gguf(path, arch, tensors, heads=2):
     return path
 
 
+# One whole Llama layer at hidden 8, 2 heads of 4, FFN 16 (numpy order: [rows, columns]).
+SMALL_LLAMA = [("token_embd.weight", (10, 8)), ("output_norm.weight", (8,)),
+               ("blk.0.attn_norm.weight", (8,)), ("blk.0.ffn_norm.weight", (8,)),
+               *[(f"blk.0.attn_{p}.weight", (8, 8)) for p in ("q", "k", "v", "output")],
+               ("blk.0.ffn_gate.weight", (16, 8)), ("blk.0.ffn_up.weight", (16, 8)),
+               ("blk.0.ffn_down.weight", (8, 16))]
+
+
 def test_bad_requests_exit_2_in_one_sentence_and_leave_nothing(tiny_llama, tmp_path):
-    good = write_small_gguf(tmp_path / "ok.gguf", "llama", [("token_embd.weight", (10, 8))])
+    good = write_small_gguf(tmp_path / "ok.gguf", "llama", SMALL_LLAMA)
     cases = [
         (["convert", str(good), "o", "--scheme", "nvfp4"], "convert it to bf16 first"),
         (["convert", str(tiny_llama), "o", "--scheme", "bf16"], "is not a GGUF file"),

@@ -417,6 +417,8 @@ def _parse_header(path: Path, cur: _Cursor, size: int) -> GGUFFile:
     data_offset = cur.pos + (-cur.pos % alignment)
     tensors: dict[str, GGUFTensor] = {}
     for name, ne, ggml_type, offset in raw_infos:
+        if not name.isprintable():
+            raise CheckpointError(f"{path}: tensor name {ascii(name)} holds control characters; names are printable text.")
         where = f"{path}: tensor '{name}'"
         if name in tensors:
             raise CheckpointError(f"{path}: tensor '{name}' is listed twice.")
@@ -428,6 +430,8 @@ def _parse_header(path: Path, cur: _Cursor, size: int) -> GGUFFile:
         type_name, block, type_size = sizes[ggml_type]
         if any(d >= 1 << 62 for d in ne) or math.prod(ne) >= 1 << 62:
             raise CheckpointError(f"{where} has dimensions {list(ne)}, too large for any file.")
+        if 0 in ne:  # an empty weight is no part of a model, and every row reader divides by ne[0]
+            raise CheckpointError(f"{where} has dimensions {list(ne)}; every dimension must be at least 1.")
         if ne[0] % block:
             raise CheckpointError(
                 f"{where} has ne[0] = {ne[0]}, not a multiple of {type_name}'s block of {block} elements."

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from nvq.errors import ConfigError, UnmappedTensorError
+from nvq.errors import ConfigError, TensorError, UnmappedTensorError
 from nvq.io.atomic import atomic_output_dir
 from nvq.io.gguf_model import GGUFModel, Unit
 from nvq.io.gguf_tokenizer import write_tokenizer_files
 from nvq.io.hf import HFConfig
 from nvq.io.safetensors import OutputTensor, ShardedWriter, dtype_code
+from nvq.models import config_rules, parse_checked
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 Progress = Callable[[int, str], None]  # (source bytes read, tensor name)
@@ -56,7 +57,7 @@ def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
     prefix = model.spec.hf_prefix
     if prefix not in table.text_prefixes:
         raise ConfigError(f"internal: {prefix!r} is not a text prefix of nvq.models.{model.spec.module}.")
-    arch_config = module.parse_config(HFConfig(model.path, model.config))
+    arch_config = parse_checked(module, HFConfig(model.path, model.config))
     rows = [(_gguf_regex(r.gguf), r, prefix) for r in table.rows]
     rows += [(_gguf_regex(r.gguf), r, "") for r in table.top_level.values()]
     targets, dropped, unmapped = [], {}, []
@@ -81,6 +82,7 @@ def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
             f"{model.path}: {len(unmapped)} GGUF tensor(s) have no row in nvq's "
             f"{model.spec.module} name table: {shown}."
         )
+    config_rules.check_tensors(model.path, arch_config, {u.canonical: u.shape for u in model.units})
     return targets, dropped
 
 
@@ -117,6 +119,7 @@ def convert_gguf_to_hf(
         with ShardedWriter(tmp, outputs, max_shard_bytes) as writer:
             for t in targets:
                 for rows, chunk in model.chunks(t.unit):
+                    _check_finite(model.path, t.unit.canonical, chunk)
                     writer.write(t.hf, chunk.to(torch_dtype))
                     tick(model.source_bytes(t.unit, rows), t.unit.canonical)
             writer.close()
@@ -129,6 +132,13 @@ def convert_gguf_to_hf(
         )
         export.files = sorted(p.name for p in tmp.iterdir())
     return export
+
+
+def _check_finite(path: Path, name: str, chunk: torch.Tensor) -> None:
+    # A NaN or Inf weight makes every logit downstream NaN; refuse it rather than copy it.
+    if not torch.isfinite(chunk).all():
+        raise TensorError(f"{path}: tensor '{name}' holds NaN or Inf values; "
+                          "a dense checkpoint is written only from finite weights.")
 
 
 def _generation_config(model: GGUFModel) -> dict:

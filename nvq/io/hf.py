@@ -44,8 +44,14 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _MISSING = object()
 
 
+# config.json and the safetensors index are kilobytes to a few megabytes.
+MAX_JSON_BYTES = 64 << 20
+
+
 def _load_json(path: Path, error: type[Exception]) -> Any:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; it cannot be a configuration file.")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise error(f"{path} is not UTF-8 text.") from None
@@ -57,6 +63,10 @@ def _load_json(path: Path, error: type[Exception]) -> Any:
         raise error(
             f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}."
         ) from None
+    except RecursionError:
+        raise error(f"{path} nests JSON too deeply to be a configuration file.") from None
+    except ValueError as e:  # an integer literal longer than Python converts (4300 digits)
+        raise error(f"{path} cannot be parsed: {e}.") from None
 
 
 @dataclass

@@ -30,6 +30,9 @@ from nvq.io.files import pread_exact
 # safetensors refuses headers above 100 MB (MAX_HEADER_SIZE in its tensor.rs); so do we, before
 # allocating anything for a length field that may be garbage.
 MAX_HEADER_BYTES = 100_000_000
+# Parsing costs about 40 µs and 3 KB per tensor entry, so a 100 MB header of tiny entries takes a
+# minute and gigabytes. Real shards hold at most some tens of thousands of tensors.
+MAX_TENSORS_PER_FILE = 100_000
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -163,6 +166,12 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read: {e.strerror or e}.") from e
 
+    entries = raw.count(b'"data_offsets"')  # a C-speed count, before any JSON object is built
+    if entries > MAX_TENSORS_PER_FILE:
+        raise CheckpointError(
+            f"{path}: its header describes {entries} tensors, more than the {MAX_TENSORS_PER_FILE} "
+            f"nvq reads from one file."
+        )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except UnicodeDecodeError:
@@ -176,6 +185,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             f"{path} is not a safetensors file: its header is not valid JSON "
             f"({e.msg} at line {e.lineno} column {e.colno})."
         ) from None
+    except (RecursionError, ValueError) as e:  # nesting too deep, integers too long
+        raise CheckpointError(f"{path} is not a safetensors file: its header cannot be parsed ({e}).") from None
     if not isinstance(header, dict):
         raise CheckpointError(
             f"{path} is not a safetensors file: its header is a JSON "
@@ -194,6 +205,10 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
+        # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 output can print.
+        if not name.isprintable():
+            raise CheckpointError(f"{path}: tensor name {ascii(name)} holds control characters or lone "
+                                  "surrogates; names are printable UTF-8 text.")
         where = f"{path}: tensor '{name}'"
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where} has a header entry that is not a JSON object.")

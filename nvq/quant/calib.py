@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nvq import limits
 from nvq.errors import ConfigError
 from nvq.io.tokenizer import load_tokenizer
 
@@ -38,11 +39,7 @@ def corpus_text(calib_file: str | Path | None = None) -> tuple[str, str]:
     """(text, source description) of the calibration corpus."""
     if calib_file is None:
         return resources.files("nvq.data").joinpath(CORPUS).read_text(encoding="utf-8"), "embedded corpus"
-    try:
-        text = Path(calib_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--calib-file {calib_file} cannot be read as UTF-8 text ({e}).") from None
-    return text, f"--calib-file {calib_file}"
+    return limits.read_text_file(calib_file, "--calib-file", limits.MAX_CALIB_FILE_BYTES), f"--calib-file {calib_file}"
 
 
 def windows(stream: torch.Tensor, n_samples: int, seq_len: int) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from nvq import limits
 from nvq.errors import ConfigError
 from nvq.formats import int4
 from nvq.io.hf import Checkpoint
@@ -34,6 +35,11 @@ class GPTQSettings:
     samples: int = calib.DEFAULT_SAMPLES
     seq_len: int = calib.DEFAULT_SEQ_LEN
     min_expert_tokens: int = calibrate.DEFAULT_MIN_EXPERT_TOKENS
+
+    def __post_init__(self) -> None:
+        limits.check_group_size(self.group_size)
+        for flag, value in (("--calib-samples", self.samples), ("--calib-seq-len", self.seq_len), ("--damp", self.damp)):
+            limits.check_option(flag, value)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from nvq import limits
 from nvq.errors import RecipeError, TensorError
 from nvq.formats.constants import GPTQ_DEFAULT_GROUP
 from nvq.io.hf import Checkpoint
@@ -17,7 +18,7 @@ from nvq.io.safetensors import OutputTensor
 from nvq.layouts import compressed_tensors as ct
 from nvq.layouts import vllm_names
 from nvq.layouts.gptq import GPTQLayout
-from nvq.models import Architecture, for_config
+from nvq.models import Architecture, config_rules, for_config
 from nvq.models.base import EXPERT_ROLES, QUANTIZABLE_ROLES, Mapped, Role
 from nvq.quant.recipe import Recipe, Rule
 
@@ -73,7 +74,8 @@ class CTLayout:
 
 def scheme_layout(scheme: str, group_size: int | None = None) -> CTLayout | GPTQLayout:
     if scheme == GPTQ:
-        return GPTQLayout(group_size or GPTQ_DEFAULT_GROUP)
+        limits.check_group_size(group_size)
+        return GPTQLayout(GPTQ_DEFAULT_GROUP if group_size is None else group_size)
     if group_size is not None and group_size != ct.LAYOUTS[scheme].group_size:
         raise RecipeError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size of "
                           f"{ct.LAYOUTS[scheme].group_size}.")
@@ -154,6 +156,8 @@ def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe, group_size: int | 
         )
     arch = for_config(ckpt.config)
     mapped = arch.table.resolve_all(ckpt.tensors, arch.config)
+    config_rules.check_tensors(ckpt.path, arch.config,
+                               {m.canonical: ckpt.tensors[m.source].shape for m in mapped if m.canonical})
     units: list[Unit] = []
     used_rules: set[int] = set()
     for m in mapped:

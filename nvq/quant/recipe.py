@@ -24,10 +24,14 @@ from pathlib import Path
 
 import yaml
 
-from nvq.errors import RecipeError
+from nvq import limits
+from nvq.errors import ConfigError, RecipeError
+from nvq.quant.safe_regex import compile_pattern
 
 SCHEMES = ("nvfp4", "mxfp4", "gptq")
 _RULE_KEYS = {"match", "scheme", "note"}
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few dozen lines
+MAX_RECIPE_DEPTH = 8  # rules → rule → value is three levels
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def load_recipe(spec: str | Path | None) -> Recipe:
         return Recipe(name="default")
     path = Path(spec)
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = read_recipe_text(path)
         name = str(path)
     elif str(spec) in presets():
         text = resources.files("nvq.recipes").joinpath(f"{spec}.yaml").read_text(encoding="utf-8")
@@ -70,11 +74,32 @@ def load_recipe(spec: str | Path | None) -> Recipe:
     return parse_recipe(text, name)
 
 
-def parse_recipe(text: str, name: str) -> Recipe:
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text: regular, at most MAX_RECIPE_BYTES, UTF-8."""
     try:
-        data = yaml.safe_load(text)
+        return limits.read_text_file(path, "--recipe", MAX_RECIPE_BYTES)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+
+
+def safe_yaml(text: str, name: str) -> object:
+    """yaml.safe_load, refusing anchors and aliases (a few hundred bytes of nested aliases expand
+    to gigabytes) and nesting deeper than MAX_RECIPE_DEPTH (the composer recurses per level)."""
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise RecipeError(f"recipe {name} uses YAML anchors or aliases (&, *); write each value out.")
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"recipe {name} nests deeper than {MAX_RECIPE_DEPTH} levels.")
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {name} is not valid YAML: {_one_line(e)}.") from None
+
+
+def parse_recipe(text: str, name: str) -> Recipe:
+    data = safe_yaml(text, name)
     if data is None:
         return Recipe(name=name)
     if not isinstance(data, dict) or set(data) - {"rules", "description", "verify"}:
@@ -95,10 +120,9 @@ def _parse_rule(raw: object, index: int, name: str) -> Rule:
     scheme = raw["scheme"]
     if scheme is not None and scheme not in SCHEMES:
         raise RecipeError(f"{where}: scheme {scheme!r} is not one of null, {', '.join(SCHEMES)}.")
-    try:
-        pattern = re.compile(str(raw["match"]))
-    except re.error as e:
-        raise RecipeError(f"{where}: match {raw['match']!r} is not a valid regex ({e}).") from None
+    if not isinstance(raw["match"], str):
+        raise RecipeError(f"{where}: match must be a string (a regex), not {type(raw['match']).__name__}.")
+    pattern = compile_pattern(raw["match"], where)
     return Rule(pattern=pattern, scheme=scheme, index=index)
 
 

@@ -132,7 +132,10 @@ def logit_stats(oracle: torch.Tensor, candidate: torch.Tensor, sequences: list[t
         lc = torch.log_softmax(candidate[rows].double(), dim=-1)
         po = lo.exp()
         keep = lo > KLD_LOG_P_MIN
-        klds.append(torch.where(keep, po * (lo - lc), torch.zeros_like(po)).sum(-1))
+        kld = torch.where(keep, po * (lo - lc), torch.zeros_like(po)).sum(-1)
+        # a NaN logit makes `keep` false and its KLD term 0; report NaN, never a perfect 0
+        finite = torch.isfinite(lo).all(-1) & torch.isfinite(lc).all(-1)
+        klds.append(torch.where(finite, kld, torch.full_like(kld, math.nan)))
         same.append(lo.argmax(-1) == lc.argmax(-1))
         pick_o, pick_c = lo.gather(1, nxt[:, None])[:, 0], lc.gather(1, nxt[:, None])[:, 0]
         dps.append(pick_c.exp() - pick_o.exp())

@@ -637,6 +637,9 @@ def _head(lanes: list[Lane], c_arch, o_arch, sequences, th: Thresholds, order: d
         for lane in scored:
             lc = _logits(lane, c_arch if lane.draw is None else o_arch, hidden[lane.name], a, b) - runs[lane.name].lse[:, None]
             kld[lane.name] += torch.where(keep, po * (lo - lc), torch.zeros_like(po)).sum(-1)
+    for lane in scored:  # a NaN logit makes `keep` false and its KLD term 0; report NaN, never 0
+        finite = torch.isfinite(lse_o) & torch.isfinite(runs[lane.name].lse)
+        kld[lane.name] = torch.where(finite, kld[lane.name], torch.full_like(kld[lane.name], math.nan))
     stats = {lane.name: _stats(runs["oracle"], runs[lane.name], kld[lane.name], has_next) for lane in scored}
     draws = [stats[lane.name] for lane in scored if lane.draw is not None]
     expected = {k: statistics.fmean(d[k] for d in draws) if isinstance(draws[0][k], float) else draws[0][k]
@@ -646,7 +649,8 @@ def _head(lanes: list[Lane], c_arch, o_arch, sequences, th: Thresholds, order: d
         return {"ok": False, "expected": expected}
     limit = th.kld_limit(expected["mean_kld_draws"])
     cand = stats["candidate"]
-    return {**cand, "expected": expected, "limit_mean_kld": limit, "ok": cand["mean_kld"] <= limit}
+    ok = math.isfinite(cand["mean_kld"]) and math.isfinite(limit) and cand["mean_kld"] <= limit
+    return {**cand, "expected": expected, "limit_mean_kld": limit, "ok": ok}
 
 
 def _head_rows(lane: Lane) -> int:

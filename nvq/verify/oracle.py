@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from nvq import limits
 from nvq.errors import ConfigError, NvqError
 from nvq.io.gguf_cells import is_exact
 from nvq.io.gguf_model import GGUFSource
@@ -158,10 +159,7 @@ def token_ids(
         source = f"--tokens {n_tokens}" + (f" in {n_sequences} sequences" if n_sequences > 1 else "")
         return Tokens(list(ids.tensor_split(n_sequences)), source)
     if prompt_file is not None:
-        try:
-            texts, source = [Path(prompt_file).read_text(encoding="utf-8")], f"--prompt-file {prompt_file}"
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--prompt-file {prompt_file} cannot be read as UTF-8 text ({e}).") from None
+        texts, source = [limits.read_text_file(prompt_file, "--prompt-file")], f"--prompt-file {prompt_file}"
     elif prompt is not None:
         texts, source = [prompt], "--prompt"
     else:

@@ -9,6 +9,7 @@ layer (nvq.verify.taps), so each layer's error is its own.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -17,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from nvq import limits
 from nvq.errors import ConfigError, RecipeError
 from nvq.io.output_guard import refuse_overlap
 from nvq.quant.pipeline import resolve_device
-from nvq.quant.recipe import load_recipe
+from nvq.quant.recipe import load_recipe, read_recipe_text, safe_yaml
 from nvq.verify import certificate, config_check, findings, tokenizer_check
 from nvq.verify.candidate import Candidate
 from nvq.verify.diff import (
@@ -103,11 +104,12 @@ def load_thresholds(recipe: str | Path | None = None, factor: float | None = Non
             th = replace(th, **{k: float(v) for k, v in section.items()})
         except (TypeError, ValueError):
             raise RecipeError(f"recipe {recipe}: verify thresholds must be numbers.") from None
+    limits.check_option("--factor", factor)
     if factor is not None:
         th = replace(th, **{k: float(factor) for k in FACTORS})
-    bad = [k for k, v in th.as_dict().items() if not v >= 0]
+    bad = [k for k, v in th.as_dict().items() if not 0 <= v < math.inf]
     if bad or any(getattr(th, k) < 1 for k in FACTORS):
-        raise RecipeError(f"thresholds must be ≥ 0 and every factor ≥ 1; got {th.as_dict()}.")
+        raise RecipeError(f"thresholds must be finite and ≥ 0, and every factor ≥ 1; got {th.as_dict()}.")
     return th
 
 
@@ -115,13 +117,10 @@ def _recipe_verify_section(recipe: str | Path) -> dict:
     load_recipe(recipe)  # the whole recipe must be valid (a file or a preset)
     path = Path(recipe)
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        text = read_recipe_text(path)
     else:
         text = resources.files("nvq.recipes").joinpath(f"{recipe}.yaml").read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {recipe} is not valid YAML: {' '.join(str(e).split())}.") from None
+    data = safe_yaml(text, str(recipe)) or {}
     section = data.get("verify") if isinstance(data, dict) else None
     if section is None:
         return {}
@@ -147,6 +146,10 @@ def verify(
     serve_as: str = DEFAULT_SERVING,
 ) -> VerifyResult:
     started = time.perf_counter()
+    for flag, value in (("--tokens", n_tokens), ("--max-tokens", max_tokens), ("--sequences", n_sequences)):
+        limits.check_option(flag, value)
+    if prompt_file is not None:  # refused before the checkpoint and the oracle are opened
+        limits.read_text_file(prompt_file, "--prompt-file")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     if serve_as not in SERVINGS:
