@@ -15,15 +15,19 @@ def _float_rows(dtype: torch.dtype):
     return lambda raw, ne0: raw.view(dtype).float().reshape(raw.shape[0], ne0)
 
 
+def _q8_0_blocks(raw: torch.Tensor, ne0: int) -> torch.Tensor:
+    return raw.reshape(raw.shape[0], ne0 // Q8_0_BLOCK, Q8_0_BYTES)  # explicit: zero rows are allowed
+
+
 def _q8_0_rows(raw: torch.Tensor, ne0: int) -> torch.Tensor:
-    blocks = raw.reshape(raw.shape[0], -1, Q8_0_BYTES)
+    blocks = _q8_0_blocks(raw, ne0)
     d = blocks[..., :2].contiguous().view(torch.float16).float()
     q = blocks[..., 2:].contiguous().view(torch.int8).float()
     return (d * q).reshape(raw.shape[0], ne0)
 
 
 def _q8_0_step(raw: torch.Tensor, ne0: int) -> torch.Tensor:
-    blocks = raw.reshape(raw.shape[0], -1, Q8_0_BYTES)
+    blocks = _q8_0_blocks(raw, ne0)
     d = blocks[..., :2].contiguous().view(torch.float16).float().abs()
     return d.expand(-1, -1, Q8_0_BLOCK).reshape(raw.shape[0], ne0)
 
