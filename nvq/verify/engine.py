@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nvq.errors import CheckpointError
 from nvq.io.gguf_cells import Cells
 from nvq.io.gguf_model import GGUFSource
 from nvq.models import Architecture
@@ -531,8 +532,16 @@ def _tap_diffs(lanes: list[Lane], order: list[str], th: Thresholds) -> list[TapD
 # ---------------------------------------------------------------------------------------------
 
 
+def _require_finite(o_cache: StageCache, name: str, values: torch.Tensor) -> None:
+    """A NaN or infinite oracle weight certifies nothing (NaN logits would compare as equal)."""
+    if not bool(torch.isfinite(values).all()):
+        raise CheckpointError(f"{o_cache.source.model.path}: the oracle's tensor '{name}' holds NaN or infinite "
+                              "values; an oracle must be finite.")
+
+
 def _diff_whole(name, c_cache, o_cache, noise: NoiseModel, schemes, th, draws: int) -> WeightDiff:
     ref = o_cache[name]
+    _require_finite(o_cache, name, ref)
     got = c_cache[name] if name in c_cache else None
     nominal = noise.stored(name, 0)
     dithered = [noise.stored(name, k) for k in range(1, draws + 1)]
@@ -563,6 +572,7 @@ def _diff_chunked(name, c_cache, o_cache, noise: NoiseModel, schemes, th, draws:
     for a in range(0, n_rows, step):
         b = min(a + step, n_rows)
         ref = o_cache.row_block(name, a, b).double()
+        _require_finite(o_cache, name, ref)
         got = c_cache.row_block(name, a, b).double()
         nominal = noise.stored_rows(name, 0, a, b).double()
         exact = exact and torch.equal(got, nominal)
