@@ -57,9 +57,11 @@ class Served:
 
     @property
     def error_line(self) -> str:
-        """The exception's last line (type and message), or ''."""
+        """The exception's type and message on one line (from the traceback's last unindented
+        line on), or ''."""
         lines = (self.error or "").strip().splitlines()
-        return lines[-1] if lines else ""
+        start = max((i for i, line in enumerate(lines) if line[:1].strip()), default=0)
+        return " ".join(line.strip() for line in lines[start:])
 
 
 def vllm_python() -> Path:
