@@ -35,6 +35,7 @@ import torch  # noqa: E402
 ENGINE = dict(enforce_eager=True, max_model_len=128, max_num_batched_tokens=128, max_num_seqs=1,
               enable_prefix_caching=False)
 
+
 class WarningLog:
     """Collects vLLM's WARNING and ERROR records while a checkpoint loads and runs. It hooks record
     creation, not a handler: the engine reconfigures vLLM's loggers (and drops handlers) as it starts."""
@@ -47,7 +48,10 @@ class WarningLog:
         def make(*args, **kwargs):
             record = self._factory(*args, **kwargs)
             if record.levelno >= logging.WARNING and record.name.startswith("vllm"):
-                self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+                line = f"{record.levelname} {record.name}: {record.getMessage()}"
+                if record.exc_info:  # logger.exception: the cause is in the exception
+                    line += "\n" + "".join(traceback.format_exception(*record.exc_info))
+                self.lines.append(line)
             return record
 
         logging.setLogRecordFactory(make)
