@@ -230,18 +230,20 @@ def build_gemma4_variant(
     dialect: str = "global",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    text_overrides: dict | None = None,
 ) -> Path:
     """Write the miniature of `variant` (one of GEMMA4_VARIANTS) into `out_dir` and return it.
 
     form: "conditional" (multimodal class with vision and audio towers) or "causal" (text only).
     dialect: "global" or "per_layer" (module docstring).
+    text_overrides: text-config fields replaced after the variant's own (e.g. head_dim).
     """
     if form not in GEMMA4_FORMS:
         raise ValueError(f"form must be one of {GEMMA4_FORMS}, not {form!r}")
     if dialect not in GEMMA4_DIALECTS:
         raise ValueError(f"dialect must be one of {GEMMA4_DIALECTS}, not {dialect!r}")
     out = Path(out_dir)
-    text_cfg = variant_text_config(variant, build_tokenizer(out))
+    text_cfg = variant_text_config(variant, build_tokenizer(out)) | (text_overrides or {})
     spec = VARIANTS[variant]
     cls = _classes(spec.family)
     conditional = form == "conditional"

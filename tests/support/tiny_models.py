@@ -287,13 +287,15 @@ def build_tiny_llama(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     tie_word_embeddings: bool = True,
+    config_overrides: dict | None = None,
 ) -> Path:
-    """LlamaForCausalLM: hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16."""
+    """LlamaForCausalLM: hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16; `config_overrides`
+    replaces config fields (e.g. head_dim)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     vocab = build_tokenizer(out)
-    cfg = LlamaConfig(**llama_config_dict(vocab, tie_word_embeddings))
+    cfg = LlamaConfig(**(llama_config_dict(vocab, tie_word_embeddings) | (config_overrides or {})))
     model = _new_model(LlamaForCausalLM, cfg, seed)
     _randomize_(model, seed, lambda n: (0.5, 1.5) if _is_norm(n) else None)
     _save(model, out, dtype)
