@@ -222,7 +222,10 @@ def test_vllm_serves_nvq_output_like_the_reference_forward(case, outcomes):
     assert worst <= tol, report
     _, _, gap = logprob_errors(o)
     assert gap.max() <= tol, f"a greedy token is not the reference's argmax: {report}"
-    assert not s.weight_warnings, "vLLM warned about weights:\n" + "\n".join(s.weight_warnings)
+    # vLLM holds GPTQ's fp16 scales in the bf16 model dtype and says so per module (issue 12 item 6):
+    # documented, noted by convert and modelled by `nvq verify --serve-as vllm`; any other is a bug
+    unexpected = s.unexpected_weight_warnings
+    assert not unexpected, "vLLM warned about weights:\n" + "\n".join(unexpected)
 
 
 @pytest.mark.parametrize("model", ["llama", "31b"])

@@ -62,4 +62,5 @@ def test_vllm_continues_smollm2_gptq_as_the_reference_forward_does(smollm2_gptq,
               f"reference argmax after each of its prefixes: {tokenizer.decode(ref.argmax(-1).tolist())!r}\n"
               f"greedy gaps {[round(g, 4) for g in gap.tolist()]}, |Δ logprob| max {delta.max():.4f}")
     assert gap.max() <= LOGPROB_TOL and delta.max() <= LOGPROB_TOL, report
-    assert not served.weight_warnings, "vLLM warned about weights:\n" + "\n".join(served.weight_warnings)
+    unexpected = served.unexpected_weight_warnings  # the GPTQ scale cast to bf16 is documented (item 6)
+    assert not unexpected, "vLLM warned about weights:\n" + "\n".join(unexpected)
