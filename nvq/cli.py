@@ -104,7 +104,7 @@ def convert(
     calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration sequence (default 2048).")] = None,
 ) -> None:
     """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
-    from nvq import limits, report
+    from nvq import dist, limits, report
     from nvq.quant.gptq_write import GPTQSettings
     from nvq.quant.pipeline import convert as run_convert
     from nvq.quant.pipeline import source_bytes
@@ -112,7 +112,8 @@ def convert(
     given = {k: v for k, v in dict(method=method and method.value, group_size=group_size, damp=damp,
                                    act_order=act_order, calib_file=calib_file, samples=calib_samples,
                                    seq_len=calib_seq_len).items() if v is not None}
-    interactive = sys.stderr.isatty()
+    world = _guard(dist.join)
+    interactive = sys.stderr.isatty() and world.is_main  # under torchrun, rank 0 speaks for all
 
     def job():
         limits.check_option("--max-shard-gb", max_shard_gb)
@@ -126,6 +127,8 @@ def convert(
                                layer_progress=layer_done)
 
     summary = _guard(job)
+    if not world.is_main:
+        return
     if as_json:
         typer.echo(json.dumps(report.convert_summary_dict(summary), indent=2))
     else:

@@ -354,6 +354,11 @@ class ShardedWriter:
     gets a shard of its own). Call `write(name, chunk)` any number of times per tensor, whole
     rows in order, tensors in any order; then `close()`. Used as a context manager, an exception
     closes the files without the completeness check.
+
+    Ranks of a distributed run share one layout: rank 0 creates the files (`create=True`), the
+    others open them after a barrier (`create=False`); each writes and checks only the tensors
+    it `owns`, at the same offsets, so the files equal those of a single-process run. Only the
+    creator writes the index. A shard is fsynced as soon as its owned bytes are all written.
     """
 
     def __init__(
@@ -362,6 +367,9 @@ class ShardedWriter:
         tensors: list[OutputTensor],
         max_shard_bytes: int,
         metadata: dict[str, str] | None = None,
+        *,
+        create: bool = True,
+        owned: set[str] | None = None,
     ):
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
@@ -406,7 +414,9 @@ class ShardedWriter:
         self._slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
         self._state = "open"  # -> "closed" after a checked close, "aborted" otherwise
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._creator = create
+        if create:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             for shard, (group, file) in enumerate(zip(groups, self.files, strict=True)):
                 ordered = sorted(group, key=lambda t: (_LAYOUT_RANK[t.dtype], t.name))
@@ -417,21 +427,34 @@ class ShardedWriter:
                 head = _header_bytes(entries, meta)
                 for t, rel in entries:
                     self._slots[t.name] = _Slot(t, shard, len(head) + rel)
-                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                _pwrite_all(fd, memoryview(head), 0)
-                os.ftruncate(fd, len(head) + begin)
+                if create:
+                    fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                    self._fds.append(fd)
+                    _pwrite_all(fd, memoryview(head), 0)
+                    os.ftruncate(fd, len(head) + begin)
+                else:
+                    self._fds.append(os.open(file, os.O_RDWR))
         except BaseException:
             self.abort()
             raise
         self.weight_map = {name: self.files[s.shard].name for name, s in self._slots.items()}
+        self._owned = set(self._slots) if owned is None else set(owned)
+        unknown = self._owned - set(self._slots)
+        if unknown:
+            self.abort()
+            raise KeyError(f"owned tensor(s) {sorted(unknown)[:3]} were not planned for this writer.")
+        # Bytes still to write per shard; a shard is fsynced when its count reaches 0.
+        self._unwritten = [0] * len(self.files)
+        self._synced: set[int] = set()
+        for name in self._owned:
+            self._unwritten[self._slots[name].shard] += self._slots[name].tensor.nbytes
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append `chunk` (whole rows, the tensor's dtype) to tensor `name` at its cursor."""
         if self._state != "open":
             raise RuntimeError(f"write to tensor '{name}' after the writer was {self._state}.")
         slot = self._slots.get(name)
-        if slot is None:
+        if slot is None or name not in self._owned:
             raise KeyError(f"tensor '{name}' was not planned for this writer.")
         t = slot.tensor
         want = DTYPES[t.dtype].torch
@@ -450,6 +473,10 @@ class ShardedWriter:
             )
         _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset + slot.written)
         slot.written += data.numel()
+        self._unwritten[slot.shard] -= data.numel()
+        if self._unwritten[slot.shard] == 0 and data.numel():
+            os.fsync(self._fds[slot.shard])  # while later shards are still being computed
+            self._synced.add(slot.shard)
 
     def close(self) -> list[Path]:
         """Check every tensor is complete, fsync, write the index if sharded; return the files."""
@@ -457,18 +484,20 @@ class ShardedWriter:
             return self.written_files
         if self._state == "aborted":
             raise RuntimeError("close() after the writer was aborted; its files are incomplete.")
-        for name, slot in self._slots.items():
+        for name in self._owned:
+            slot = self._slots[name]
             if slot.written != slot.tensor.nbytes:
                 self.abort()
                 raise RuntimeError(
                     f"internal error: tensor '{name}' got {slot.written} of its "
                     f"{slot.tensor.nbytes} bytes before the writer was closed."
                 )
-        for fd in self._fds:
-            os.fsync(fd)
+        for shard, fd in enumerate(self._fds):
+            if shard not in self._synced:
+                os.fsync(fd)
         self._close_fds()
         self._state = "closed"
-        if len(self.files) > 1:
+        if len(self.files) > 1 and self._creator:
             index = {
                 "metadata": {"total_size": sum(s.tensor.nbytes for s in self._slots.values())},
                 "weight_map": self.weight_map,

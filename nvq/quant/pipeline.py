@@ -1,31 +1,37 @@
 """Streaming convert: read → quantize → pack → write, one fusion group at a time.
 
-Memory stays bounded by one fusion group (or, for large tensors, one row chunk) plus the writer's
-chunk: reads go through `read_rows`, never through a whole-model load.
+Reader threads run ahead, the device quantizes, a writer thread writes behind (nvq.quant.stream);
+memory stays bounded by one fusion group (or, for large tensors, one row chunk) plus the chunks
+in flight, never a whole-model load. Under torchrun each rank converts its share of the groups
+into the same output files (nvq.dist); the bytes equal a single-process run's.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from nvq import ops
-from nvq.errors import ConfigError, TensorError
+from nvq import dist, ops
+from nvq.errors import ConfigError, NvqError, TensorError
 from nvq.formats.constants import NVFP4_GLOBAL_NUMERATOR
 from nvq.io.atomic import atomic_output_dir
 from nvq.io.gguf import is_gguf
 from nvq.io.hf import Checkpoint
-from nvq.io.safetensors import ShardedWriter
+from nvq.io.safetensors import OutputTensor, ShardedWriter
 from nvq.layouts import compressed_tensors as ct
 from nvq.models.base import Role
 from nvq.quant import gptq_write, tp
 from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
+from nvq.quant.stream import AsyncWriter, ChunkReader, Read
 from nvq.verify.serving import serving_notes
 
 CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 working copy
@@ -184,11 +190,12 @@ def convert(
     if gptq is not None and scheme != GPTQ:
         raise ConfigError(f"GPTQ settings (--method, --group-size, --calib-*) apply to --scheme {GPTQ} only.")
     gptq = (gptq or gptq_write.GPTQSettings()) if scheme == GPTQ else None
+    world = dist.join()
     ckpt = Checkpoint.open(src)
     plan = _plan(ckpt, scheme, recipe, gptq.group_size if gptq else None, tp_size)
     if gptq is not None:
         gptq_write.check_settings(gptq)
-    dev = resolve_device(device)
+    dev = world.device(resolve_device(device).type)
     out = Path(out)
     summary = ConvertSummary(
         out=out, scheme=scheme, quantized=len(plan.quantized), kept=len(plan.kept), dropped=len(plan.dropped),
@@ -197,22 +204,87 @@ def convert(
         serving_notes=serving_notes(scheme, ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
     )
     tick = progress or (lambda n, name: None)
-    with atomic_output_dir(out, force, replace_any=replace_any, inputs=ckpt.input_paths()) as tmp:
+    streamed = [g for g in plan.groups() if gptq is None or g[0].scheme is None]
+    mine = [g for g, r in zip(streamed, dist.split_by_size([_group_bytes(ckpt, g) for g in streamed], world.size),
+                              strict=True) if r == world.rank]
+    with _shared_output_dir(world, out, force, replace_any, ckpt.input_paths()) as tmp:
         outputs = plan.output_tensors()
-        writer = ShardedWriter(tmp, outputs, max_shard_bytes)
-        for group in plan.groups():
-            if gptq is None or group[0].scheme is None:
-                _write_group(ckpt, group, writer, dev, tick, summary)
-        if gptq is not None:
-            summary.gptq = gptq_write.quantize_all(ckpt, plan, gptq, writer, dev, tick, layer_progress)
-            summary.backends.append("reference")
-        writer.close()
-        _write_config(ckpt, plan, tmp, gptq)
-        ckpt.copy_side_files(tmp)
+        owned = {t.name for g in mine for u in g for t in _unit_outputs(plan, u)}
+        if gptq is not None and world.is_main:  # GPTQ calibrates on rank 0 (one forward, in order)
+            owned |= {t.name for u in plan.quantized for t in _unit_outputs(plan, u)}
+        if world.is_main:
+            writer = ShardedWriter(tmp, outputs, max_shard_bytes, owned=owned)
+            world.barrier()
+        else:
+            world.barrier()
+            writer = ShardedWriter(tmp, outputs, max_shard_bytes, create=False, owned=owned)
+        try:
+            _stream_groups(ckpt, mine, writer, dev, tick, summary)
+            if gptq is not None and world.is_main:
+                summary.gptq = gptq_write.quantize_all(ckpt, plan, gptq, writer, dev, tick, layer_progress)
+                summary.backends.append("reference")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _merge_rank_summaries(world, summary)
+        if world.is_main:
+            _write_config(ckpt, plan, tmp, gptq)
+            ckpt.copy_side_files(tmp)
         summary.bytes_written = sum(t.nbytes for t in outputs)
         summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in plan.layout.output_tensors(u.out, u.shape))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _unit_outputs(plan: Plan, u: Unit) -> list[OutputTensor]:
+    return plan.layout.output_tensors(u.out, u.shape) if u.scheme else [OutputTensor(u.out, u.dtype, u.shape)]
+
+
+def _group_bytes(ckpt: Checkpoint, group: list[Unit]) -> int:
+    return sum(ckpt.tensors[u.source].nbytes * u.numel // max(ckpt.tensors[u.source].numel, 1) for u in group)
+
+
+@contextmanager
+def _shared_output_dir(world: dist.World, out: Path, force: bool, replace_any: bool,
+                       inputs: list[Path]) -> Iterator[Path]:
+    """Rank 0's atomic temporary output directory, on every rank. Rank 0 swaps it in only after
+    every rank has written its share; a refusal on rank 0 (OUT exists, say) is raised on all."""
+    if not world.distributed:
+        with atomic_output_dir(out, force, replace_any=replace_any, inputs=inputs) as tmp:
+            yield tmp
+        return
+    if not world.is_main:
+        status, value = world.broadcast(None)
+        if status == "error":
+            raise ConfigError(value)
+        yield Path(value)
+        world.barrier()  # rank 0 finishes the directory after this
+        return
+    try:
+        ctx = atomic_output_dir(out, force, replace_any=replace_any, inputs=inputs)
+        tmp = ctx.__enter__()
+    except NvqError as e:
+        world.broadcast(("error", str(e)))
+        raise
+    world.broadcast(("ok", str(tmp)))
+    try:
+        yield tmp
+        world.barrier()
+    except BaseException:
+        if not ctx.__exit__(*sys.exc_info()):
+            raise
+    else:
+        ctx.__exit__(None, None, None)
+
+
+def _merge_rank_summaries(world: dist.World, summary: ConvertSummary) -> None:
+    """What each rank noted (backends, fp32 groups) into every rank's summary, in rank order."""
+    if not world.distributed:
+        return
+    parts = world.gather((summary.backends, summary.fp32_groups))
+    summary.backends = list(dict.fromkeys(b for backends, _ in parts for b in backends))
+    summary.fp32_groups = [g for _, groups in parts for g in groups]
 
 
 def _convert_gguf(src, out, dtype: str, force: bool, replace_any: bool, max_shard_bytes: int,
@@ -230,29 +302,116 @@ def _convert_gguf(src, out, dtype: str, force: bool, replace_any: bool, max_shar
     )
 
 
-def _write_group(ckpt: Checkpoint, group: list[Unit], writer: ShardedWriter, dev: torch.device,
-                 tick: Progress, summary: ConvertSummary) -> None:
-    scheme = group[0].scheme
-    if scheme is None:
-        for u in group:
-            # towers pass through untouched: transformers writes ±inf clip bounds there (no clipping)
-            for _, chunk in _read_chunks(ckpt, u, tick, check_finite=u.role is not Role.TOWER):
-                writer.write(u.out, chunk)
-        return
-    cache = _GroupCache(ckpt, group, tick)
-    if scheme == "nvfp4":
-        global_scale, compute_dtype = _group_global_scale(cache, group, dev, summary)
-        for u in group:
-            for chunk in cache.chunks(u):
-                x = chunk.to(dev, compute_dtype)
-                _write_packed(writer, u, ops.nvfp4_quantize_packed(x, global_scale))
-            writer.write(f"{u.out}.weight_global_scale", global_scale.cpu())
-        _note_backend(summary, "nvfp4_quantize_packed")
-    else:
-        for u in group:
-            for chunk in cache.chunks(u):
-                _write_packed(writer, u, ops.mxfp4_quantize_packed(chunk.to(dev)))
-        _note_backend(summary, "mxfp4_quantize_packed")
+def _stream_groups(ckpt: Checkpoint, groups: list[list[Unit]], writer: ShardedWriter, dev: torch.device,
+                   tick: Progress, summary: ConvertSummary) -> None:
+    """Every group through the pipeline: reads run ahead on reader threads (into page-locked
+    buffers when quantizing on a GPU), the device quantizes, the writer thread writes behind."""
+    on_gpu = dev.type == "cuda"
+    work = [_GroupWork(ckpt, g, on_gpu) for g in groups]
+    reads = (r for w in work for r in w.reads())
+    with ChunkReader(reads, pin=on_gpu) as reader, AsyncWriter(writer) as sink:
+        for w in work:
+            w.run(reader, sink, dev, tick, summary)
+
+
+def _row_ranges(info, u: Unit) -> Iterator[tuple[int, int]]:
+    """Row chunks of a unit's 2-D view (elements for vectors), CHUNK_ELEMENTS at a time."""
+    first, last = u.rows if u.rows else (0, info.num_rows)
+    row_len = info.shape[-1] if len(info.shape) >= 2 else 1
+    step = max(1, CHUNK_ELEMENTS // row_len)
+    for a in range(first, last, step):
+        yield a, min(a + step, last)
+
+
+class _GroupWork:
+    """One fusion group's reads, planned up front so the reader can run ahead across groups, and
+    its processing. An NVFP4 group needs its amax before any code: a group up to
+    GROUP_CACHE_BYTES is read once and kept (on the device when there is one); a larger one is
+    streamed twice."""
+
+    def __init__(self, ckpt: Checkpoint, group: list[Unit], on_gpu: bool):
+        self.ckpt, self.group = ckpt, group
+        self.scheme = group[0].scheme
+        self.two_pass = self.scheme == "nvfp4" and _group_bytes(ckpt, group) > GROUP_CACHE_BYTES
+        # The device checks what it quantizes; the reader threads check the rest on the host.
+        self.host_checks = not (on_gpu and self.scheme)
+
+    def reads(self) -> Iterator[Read]:
+        for first in (True, False) if self.two_pass else (True,):
+            for u in self.group:
+                info = self.ckpt.tensors[u.source]
+                # towers pass through untouched: transformers writes ±inf clip bounds there
+                check = None
+                if first and self.host_checks and u.role is not Role.TOWER:
+                    check = partial(_check_finite_rows, info, u)
+                for a, b in _row_ranges(info, u):
+                    yield Read(info, a, b, first, check)
+
+    def _take(self, reader: ChunkReader, u: Unit, tick: Progress) -> Iterator[tuple[int, torch.Tensor]]:
+        info = self.ckpt.tensors[u.source]
+        for a, b in _row_ranges(info, u):
+            r, chunk = next(reader)
+            assert r.info is info and (r.start, r.stop) == (a, b), "reader out of step with its plan"
+            if r.first:
+                tick(chunk.numel() * chunk.element_size(), u.source)
+            yield a, chunk
+
+    def run(self, reader: ChunkReader, sink: AsyncWriter, dev: torch.device, tick: Progress,
+            summary: ConvertSummary) -> None:
+        if self.scheme is None:
+            for u in self.group:
+                for _, chunk in self._take(reader, u, tick):
+                    sink.submit([(u.out, chunk)])
+            return
+        quantize = _QUANTIZERS[self.scheme]
+        if self.scheme == "nvfp4":
+            if self.two_pass:
+                amax = None
+                for u in self.group:
+                    for a, chunk in self._take(reader, u, tick):
+                        x = self._on_device(chunk, dev, u, a, sink)
+                        amax = _max(amax, ops.tensor_amax(x))
+                cached = None
+            else:
+                cached = [(u, a, self._on_device(chunk, dev, u, a, sink))
+                          for u in self.group for a, chunk in self._take(reader, u, tick)]
+                amax = None
+                for _, _, x in cached:
+                    amax = _max(amax, ops.tensor_amax(x))
+            global_scale, compute_dtype = _group_global_scale(self.group, amax, summary)
+            chunks = cached if cached is not None else (
+                (u, a, chunk.to(dev, non_blocking=True)) for u in self.group for a, chunk in self._take(reader, u, tick))
+            for u, _, x in chunks:
+                self._submit_packed(sink, u, ops.nvfp4_quantize_packed(x.to(compute_dtype), global_scale))
+            for u in self.group:
+                sink.submit([(f"{u.out}.weight_global_scale", global_scale)])
+        else:
+            for u in self.group:
+                for a, chunk in self._take(reader, u, tick):
+                    x = self._on_device(chunk, dev, u, a, sink)
+                    self._submit_packed(sink, u, quantize(x))
+        _note_backend(summary, _BACKEND_OPS[self.scheme])
+
+    def _on_device(self, chunk: torch.Tensor, dev: torch.device, u: Unit, row: int, sink: AsyncWriter) -> torch.Tensor:
+        """The chunk on `dev`; on a GPU its finite check is queued with the writes (no sync here)."""
+        x = chunk.to(dev, non_blocking=True)
+        if not self.host_checks and x.is_floating_point():
+            info = self.ckpt.tensors[u.source]
+            sink.submit([], finite=torch.isfinite(x).all(),
+                        on_nonfinite=partial(_locate_nonfinite, self.ckpt, info, u, row, x.shape[0]))
+        return x
+
+    @staticmethod
+    def _submit_packed(sink: AsyncWriter, u: Unit, packed_and_scale: tuple[torch.Tensor, torch.Tensor]) -> None:
+        sink.submit([(f"{u.out}.{suffix}", t) for suffix, t in ct.packed_tensors(*packed_and_scale).items()])
+
+
+_QUANTIZERS = {"nvfp4": ops.nvfp4_quantize_packed, "mxfp4": ops.mxfp4_quantize_packed}
+_BACKEND_OPS = {"nvfp4": "nvfp4_quantize_packed", "mxfp4": "mxfp4_quantize_packed"}
+
+
+def _max(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.maximum(a, b)
 
 
 def _note_backend(summary: ConvertSummary, op: str) -> None:
@@ -261,17 +420,12 @@ def _note_backend(summary: ConvertSummary, op: str) -> None:
         summary.backends.append(used)
 
 
-def _group_global_scale(cache: _GroupCache, group: list[Unit], dev: torch.device,
+def _group_global_scale(group: list[Unit], amax: torch.Tensor,
                         summary: ConvertSummary) -> tuple[torch.Tensor, torch.dtype]:
     dtypes = {u.dtype for u in group}
     if len(dtypes) > 1:
         names = ", ".join(u.source for u in group)
         raise TensorError(f"fusion group {names} mixes dtypes {sorted(dtypes)}; its members must share one dtype.")
-    amax = None
-    for u in group:
-        for chunk in cache.chunks(u):
-            a = ops.tensor_amax(chunk.to(dev))
-            amax = a if amax is None else torch.maximum(amax, a)
     dtype = amax.dtype
     # compressed-tensors computes 1/amax·2688 in fp16 for fp16 weights; below amax ≈ 0.041 that
     # overflows, g falls back to 1 and every block flushes to zero (formats.md §1.5). nvq computes
@@ -282,54 +436,21 @@ def _group_global_scale(cache: _GroupCache, group: list[Unit], dev: torch.device
     return ops.nvfp4_global_scale(amax.to(dtype), dtype), dtype
 
 
-def _write_packed(writer: ShardedWriter, u: Unit, packed_and_scale: tuple[torch.Tensor, torch.Tensor]) -> None:
-    for suffix, tensor in ct.packed_tensors(*packed_and_scale).items():
-        writer.write(f"{u.out}.{suffix}", tensor.cpu())
+def _check_finite_rows(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
+    """Reader-thread check of the rows from `row` read from `info` for unit `u`."""
+    if chunk.is_floating_point() and not torch.isfinite(chunk).all():
+        _raise_nonfinite(info, u, chunk, row)
 
 
-class _GroupCache:
-    """Reads a fusion group once when it is small; streams it twice (amax pass, codes pass) when not."""
-
-    def __init__(self, ckpt: Checkpoint, group: list[Unit], tick: Progress):
-        self.ckpt, self.tick = ckpt, tick
-        nbytes = sum(ckpt.tensors[u.source].nbytes * u.numel // ckpt.tensors[u.source].numel for u in group)
-        self.cached: dict[int, list[torch.Tensor]] | None = {} if nbytes <= GROUP_CACHE_BYTES else None
-        self.reads: dict[int, int] = {}
-
-    def chunks(self, u: Unit) -> Iterator[torch.Tensor]:
-        key = id(u)
-        if self.cached is not None and key in self.cached:
-            yield from self.cached[key]
-            return
-        first_read = key not in self.reads
-        self.reads[key] = self.reads.get(key, 0) + 1
-        kept = []
-        for _, chunk in _read_chunks(self.ckpt, u, self.tick if first_read else None):
-            if self.cached is not None:
-                kept.append(chunk)
-            yield chunk
-        if self.cached is not None:
-            self.cached[key] = kept
+def _locate_nonfinite(ckpt: Checkpoint, info, u: Unit, row: int, rows: int) -> None:
+    """Re-read rows the device found non-finite and raise the error naming the first one."""
+    chunk = ckpt.read_rows(u.source, row, row + rows)
+    _raise_nonfinite(info, u, chunk, row)
+    raise TensorError(f"{info.path.name}: tensor {u.source} read back finite after the device saw NaN/Inf "
+                      f"in rows {row}..{row + rows}; the file changed while it was converted.")
 
 
-def _read_chunks(ckpt: Checkpoint, u: Unit, tick: Progress | None,
-                 check_finite: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
-    """Row chunks of a unit's 2-D view (elements for vectors), each checked for NaN/Inf."""
-    info = ckpt.tensors[u.source]
-    first, last = u.rows if u.rows else (0, info.num_rows)
-    row_len = info.shape[-1] if len(info.shape) >= 2 else 1
-    step = max(1, CHUNK_ELEMENTS // row_len)
-    for a in range(first, last, step):
-        b = min(a + step, last)
-        chunk = ckpt.read_rows(u.source, a, b)
-        if check_finite and chunk.is_floating_point():
-            _check_finite(info, u, chunk, a)
-        if tick:
-            tick(chunk.numel() * chunk.element_size(), u.source)
-        yield a, chunk
-
-
-def _check_finite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
+def _raise_nonfinite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
     bad = ~torch.isfinite(chunk)
     if not bad.any():
         return
