@@ -63,8 +63,8 @@ def evict(paths: list[Path]) -> str:
     return how
 
 
-def run_child(name: str, cmd: list[str], inputs: list[Path], env: dict | None = None) -> dict:
-    how = evict(inputs)
+def run_child(name: str, cmd: list[str], inputs: list[Path], env: dict | None = None, cold: bool = True) -> dict:
+    how = evict(inputs) if cold else "warm"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -75,6 +75,8 @@ def run_child(name: str, cmd: list[str], inputs: list[Path], env: dict | None = 
            "user_s": round(after.ru_utime - before.ru_utime, 1), "sys_s": round(after.ru_stime - before.ru_stime, 1)}
     if proc.returncode:
         row["stderr"] = proc.stderr[-2000:]
+    elif cmd[1:4] == ["-m", "nvq", "convert"] and "--json" in cmd:
+        row["nvq_seconds"] = json.loads(proc.stdout)["seconds"]  # inside convert(), after imports
     print(json.dumps(row), flush=True)
     return row
 
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--schemes", default="nvfp4,mxfp4")
     ap.add_argument("--peer-workers", default="1,4")
     ap.add_argument("--ranks", default="1", help="comma list of torchrun process counts for nvq (nvfp4)")
+    ap.add_argument("--read-threads", default="", help="comma list of NVQ_READ_THREADS values to try (nvfp4)")
+    ap.add_argument("--warm", action="store_true", help="also time nvq nvfp4 with the source in the page cache")
     args = ap.parse_args()
     layers = args.layers or verify_scale.PRESETS[args.preset]["layers"]
     src = args.work / f"{args.preset}-L{layers}" / "bf16"
@@ -123,14 +127,25 @@ def main() -> None:
     size = sum(p.stat().st_size for p in shards)
     py = sys.executable
     rows = {"raw": run_child("raw read (cat)", ["sh", "-c", " ".join(["cat", *map(str, shards), "> /dev/null"])], shards)}
-    peer_ok = subprocess.run([py, "-c", "import llmcompressor"], capture_output=True).returncode == 0
+    probe = subprocess.run([py, "-c", PEER.split("src, out")[0]], capture_output=True, text=True)
+    peer_ok = probe.returncode == 0
+    if not peer_ok:
+        print(json.dumps({"peer": "not importable", "stderr": probe.stderr[-1500:]}), flush=True)
     compare = {}
     for scheme in args.schemes.split(","):
         out = args.work / f"out-nvq-{scheme}"
         shutil.rmtree(out, ignore_errors=True)
-        rows[f"nvq-{scheme}"] = run_child(
-            f"nvq {scheme}", [py, "-m", "nvq", "convert", str(src), str(out), "--scheme", scheme,
-                              "--device", args.device], shards)
+        nvq_cmd = [py, "-m", "nvq", "convert", str(src), str(out), "--scheme", scheme, "--device", args.device,
+                   "--json"]
+        rows[f"nvq-{scheme}"] = run_child(f"nvq {scheme}", nvq_cmd, shards)
+        if scheme == "nvfp4":
+            for n in [int(x) for x in args.read_threads.split(",") if x]:
+                shutil.rmtree(out, ignore_errors=True)
+                rows[f"nvq-{scheme}-t{n}"] = run_child(f"nvq {scheme} NVQ_READ_THREADS={n}", nvq_cmd, shards,
+                                                       env={"NVQ_READ_THREADS": str(n)})
+            if args.warm:
+                shutil.rmtree(out, ignore_errors=True)
+                rows[f"nvq-{scheme}-warm"] = run_child(f"nvq {scheme} (warm cache)", nvq_cmd, shards, cold=False)
         for ranks in [int(r) for r in args.ranks.split(",") if int(r) > 1 and scheme == "nvfp4"]:
             out_r = args.work / f"out-nvq-{scheme}-r{ranks}"
             shutil.rmtree(out_r, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -191,11 +192,12 @@ def convert(
         raise ConfigError(f"GPTQ settings (--method, --group-size, --calib-*) apply to --scheme {GPTQ} only.")
     gptq = (gptq or gptq_write.GPTQSettings()) if scheme == GPTQ else None
     world = dist.join()
+    dev = world.device(resolve_device(device).type)
+    _warm_up(dev)
     ckpt = Checkpoint.open(src)
     plan = _plan(ckpt, scheme, recipe, gptq.group_size if gptq else None, tp_size)
     if gptq is not None:
         gptq_write.check_settings(gptq)
-    dev = world.device(resolve_device(device).type)
     out = Path(out)
     summary = ConvertSummary(
         out=out, scheme=scheme, quantized=len(plan.quantized), kept=len(plan.kept), dropped=len(plan.dropped),
@@ -235,6 +237,14 @@ def convert(
         summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in plan.layout.output_tensors(u.out, u.shape))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _warm_up(dev: torch.device) -> None:
+    """Start the CUDA context and load the kernels while headers are parsed and the plan is built:
+    both take a second or more, and the first page-locked read buffer waits for the context."""
+    if dev.type == "cuda":
+        threading.Thread(target=lambda: (torch.zeros(1, device=dev), ops.kernels_available()),
+                         name="nvq-cuda-init", daemon=True).start()
 
 
 def _unit_outputs(plan: Plan, u: Unit) -> list[OutputTensor]:

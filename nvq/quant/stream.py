@@ -6,6 +6,7 @@ memory stays a fixed number of chunks whatever the model's size.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -18,7 +19,9 @@ import torch
 from nvq.io.files import pread_into
 from nvq.io.safetensors import DTYPES, ShardedWriter, TensorInfo
 
-READ_THREADS = 4  # concurrent preads: one stream rarely fills an NVMe drive or a network mount
+# Concurrent preads: one stream rarely fills an NVMe drive or a network mount. NVQ_READ_THREADS
+# tunes it for unusual storage (bench/convert_speed.py --read-threads measures it).
+READ_THREADS = int(os.environ.get("NVQ_READ_THREADS", "4"))
 READ_AHEAD = 8  # chunks read but not yet taken (8 × 32 MiB of bf16 at the default chunk size)
 WRITE_BEHIND = 8  # jobs handed to the writer but not yet written
 
