@@ -37,7 +37,9 @@ import verify_scale  # noqa: E402
 PEER_SCHEMES = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
 PEER = """
 import sys, types
-sys.modules.setdefault("datasets", types.ModuleType("datasets"))  # only type hints use it
+stand_in = types.ModuleType("datasets")  # only type hints and the calibration path use it
+stand_in.__getattr__ = lambda name: type(name, (), {})
+sys.modules.setdefault("datasets", stand_in)
 import llmcompressor.core.session_functions  # noqa: F401  (import order the package needs)
 from llmcompressor.entrypoints.model_free import model_free_ptq
 src, out, scheme, workers, device = sys.argv[1:6]
@@ -46,14 +48,10 @@ model_free_ptq(src, out, scheme=scheme, ignore=["lm_head"], max_workers=int(work
 
 
 def evict(paths: list[Path]) -> str:
-    """Drop the files' cached pages so the next read comes from the disk."""
+    """Drop the checkpoint's cached pages so the next read comes from the disk. Only those: a
+    global drop_caches would also evict torch's libraries and time their reload instead."""
     os.sync()
     how = "fadvise"
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        how = "drop_caches"
-    except OSError:
-        pass
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
