@@ -211,6 +211,47 @@ def verify(
     raise typer.Exit(0 if cert["verdict"] == "pass" else 1)
 
 
+@app.command()
+def check(
+    certificate: Annotated[Path, typer.Argument(help="Certificate JSON written by nvq verify --json.")],
+    candidate: Annotated[Path, typer.Argument(help="The checkpoint directory it should certify.")],
+    oracle: Annotated[Path | None, typer.Option("--oracle", help="Also check the GGUF it was verified against.")] = None,
+) -> None:
+    """Re-hash the inputs: exit 0 when the certificate belongs to these exact files and this nvq, 1 naming each mismatch."""
+    from nvq.verify.cert_check import check as run_check
+
+    result = _guard(lambda: run_check(certificate, candidate, oracle))
+    for line in result.problems:
+        typer.echo(f"mismatch: {line}", err=True)
+    if result.ok:
+        typer.echo(f"ok: {certificate} certifies {candidate} ({result.checked_files} files"
+                   f"{' and the oracle' if oracle else ''}).")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command("diff")
+def diff_certificates(
+    cert_a: Annotated[Path, typer.Argument(help="The earlier certificate (e.g. the last release's).")],
+    cert_b: Annotated[Path, typer.Argument(help="The later certificate.")],
+    max_ratio: Annotated[float | None, typer.Option("--max-ratio", min=1.0, help="A per-layer worst error or KLD that grows by more than this factor is a regression (default: only checks that newly fail).")] = None,
+    all_rows: Annotated[bool, typer.Option("--all", help="List every layer, not only the ones that changed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """What changed from CERT_A to CERT_B, per layer and in the logits; exit 1 on a regression."""
+    import math
+
+    from nvq.verify import cert_diff
+    from nvq.verify.cert_check import load_certificate
+
+    def job():
+        return cert_diff.diff(load_certificate(cert_a), load_certificate(cert_b),
+                              math.inf if max_ratio is None else max_ratio)
+
+    d = _guard(job)
+    typer.echo(json.dumps(d.as_dict(), indent=2) if as_json else cert_diff.to_text(d, all_rows))
+    raise typer.Exit(1 if d.regressed else 0)
+
+
 kernels_app = typer.Typer(no_args_is_help=True, help="Build the CUDA kernels ahead of time, or show what would run.")
 app.add_typer(kernels_app, name="kernels")
 

@@ -62,6 +62,22 @@ def start_hashing(candidate_dir: Path, oracle_file: Path) -> PendingHashes:
     return PendingHashes(candidate_dir, oracle_file)
 
 
+SELF_HASH = "certificate_sha256"
+
+
+def content_hash(cert: dict) -> str:
+    """sha256 of the certificate's canonical JSON (sorted keys, no spaces), itself left out:
+    `nvq check` recomputes it to detect an edited certificate."""
+    body = {k: v for k, v in cert.items() if k != SELF_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(cert: dict) -> dict:
+    """The certificate with its own content hash as its last field."""
+    return {**cert, SELF_HASH: content_hash(cert)}
+
+
 def _num(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -79,7 +95,7 @@ def build(result) -> dict:
     ids = b"".join(s.long().numpy().astype("<i8").tobytes() for s in tokens.sequences)
     pending = getattr(result, "input_hashes", None)
     c_files, o_hash = pending.result() if pending is not None else (file_hashes(c.path), sha256_file(o.path))
-    return {
+    return seal({
         "nvq_version": __version__,
         "verdict": result.verdict,
         "level": result.level,
@@ -125,7 +141,7 @@ def build(result) -> dict:
              "rel_l2": _num(f.rel_l2), "serious": f.serious}
             for f in c.client_findings
         ],
-    }
+    })
 
 
 # ---------------------------------------------------------------------------------------------

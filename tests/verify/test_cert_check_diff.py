@@ -1,0 +1,128 @@
+"""`nvq check` ties a certificate to the exact files it certifies; `nvq diff` names per layer what
+changed between two certificates. Both on real certificates of a tiny Llama against llama.cpp's
+GGUF of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from nvq import __version__
+from nvq.cli import app
+from nvq.verify.certificate import SELF_HASH, content_hash
+
+pytestmark = pytest.mark.llamacpp
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def certified(llama_f32, tiny_gguf, quantized, tmp_path_factory):
+    """(candidate copy, oracle, certificate path) of a passing NVFP4 verification."""
+    root = tmp_path_factory.mktemp("cert")
+    cand = root / "cand"
+    shutil.copytree(quantized(llama_f32, "nvfp4"), cand)
+    oracle = tiny_gguf(llama_f32)
+    cert = root / "cert.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(oracle), "--json", str(cert), "--tokens", "32"])
+    assert result.exit_code == 0, result.output
+    return cand, oracle, cert
+
+
+def test_a_certificate_carries_its_own_content_hash(certified):
+    cert = json.loads(certified[2].read_text())
+    assert cert[SELF_HASH] == content_hash(cert)
+
+
+def test_check_passes_on_the_certified_files(certified):
+    cand, oracle, cert = certified
+    result = runner.invoke(app, ["check", str(cert), str(cand), "--oracle", str(oracle)])
+    assert result.exit_code == 0, result.output
+    assert "ok:" in result.output and "and the oracle" in result.output
+
+
+def test_check_names_a_changed_an_added_and_a_missing_file(certified, tmp_path):
+    cand, oracle, cert = certified
+    copy = tmp_path / "cand"
+    shutil.copytree(cand, copy)
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("weight_global_scale"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (copy / "extra.txt").write_text("x")
+    (copy / "tokenizer.json").unlink()
+    result = runner.invoke(app, ["check", str(cert), str(copy)])
+    assert result.exit_code == 1
+    out = result.output
+    assert f"{shard}: sha256" in out and "differs from the certified" in out
+    assert "extra.txt: not in the certificate" in out
+    assert "tokenizer.json: certified but missing" in out
+
+
+def test_check_detects_an_edited_certificate_and_another_oracle(certified, tmp_path, llama_f32, tiny_gguf):
+    cand, _, cert = certified
+    edited = json.loads(cert.read_text())
+    edited["verdict"] = "pass" if edited["verdict"] == "fail" else "fail"
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(edited))
+    other = tiny_gguf(llama_f32, "f16")
+    result = runner.invoke(app, ["check", str(path), str(cand), "--oracle", str(other)])
+    assert result.exit_code == 1
+    assert "edited after nvq wrote it" in result.output
+    assert f"{other}: sha256" in result.output and "is not the certified oracle's" in result.output
+
+
+def test_check_names_another_nvq_version(certified, tmp_path):
+    cand, _, cert = certified
+    old = json.loads(cert.read_text())
+    old["nvq_version"] = "0.0.1"
+    old[SELF_HASH] = content_hash(old)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    result = runner.invoke(app, ["check", str(path), str(cand)])
+    assert result.exit_code == 1 and f"made by nvq 0.0.1, this is nvq {__version__}" in result.output
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"a": 1}', b"\xff\xfe"])
+def test_check_refuses_what_is_not_a_certificate_with_exit_2(certified, tmp_path, content):
+    path = tmp_path / "c.json"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["check", str(path), str(certified[0])])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "error:" in result.output
+
+
+def test_diff_of_a_certificate_with_itself_is_quiet(certified):
+    result = runner.invoke(app, ["diff", str(certified[2]), str(certified[2]), "--max-ratio", "1.01"])
+    assert result.exit_code == 0, result.output
+    assert "no regression" in result.output
+
+
+def test_diff_names_the_layer_that_got_worse(certified, llama_f32, tiny_gguf, tmp_path):
+    """Release B damages layer 1's down_proj: diff marks that layer's weight (and taps) as
+    regressed, and B's failing verdict, while layer 0 is unchanged."""
+    cand, oracle, cert_a = certified
+    worse = tmp_path / "worse"
+    shutil.copytree(cand, worse)
+    shard = sorted(worse.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = "model.layers.1.mlp.down_proj.weight_packed"
+    g = torch.Generator().manual_seed(1)
+    tensors[name] = torch.randint(0, 256, tensors[name].shape, generator=g, dtype=torch.uint8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cert_b = tmp_path / "b.json"
+    runner.invoke(app, ["verify", str(worse), "--oracle", str(oracle), "--json", str(cert_b), "--tokens", "32"])
+    result = runner.invoke(app, ["diff", str(cert_a), str(cert_b), "--max-ratio", "2", "--json"])
+    assert result.exit_code == 1, result.output
+    d = json.loads(result.output)
+    regressed = {(c["what"], c["layer"]) for c in d["changes"] if c["regressed"]}
+    assert ("weight", 1) in regressed and ("verdict", None) in regressed
+    assert ("weight", 0) not in regressed
+    assert d["changed_files"] == [shard.name] and d["setup"] == []
+    text = runner.invoke(app, ["diff", str(cert_a), str(cert_b), "--max-ratio", "2"]).output
+    assert "! weight       1  blk.1.ffn_down.weight" in text, text
