@@ -28,7 +28,68 @@ __global__ void nvfp4_dequantize_kernel(const uint2* __restrict__ packed, const 
   }
 }
 
-// MXFP4: lane v writes the 16-byte output vector v (kPer values) from its kPer/2 packed bytes, so a
+// 16-bit outputs (bf16, fp16): one thread per 16 values. The 8 magnitudes times the step are
+// rounded to the output dtype once per 16 values (a table of 16-bit values, as low and high
+// bytes in two register pairs); then every 4 codes are 2 byte permutes of the table, an XOR for
+// the signs ((-v)·step is exactly -(v·step)) and 2 permutes that interleave low and high bytes.
+template <typename T>
+__device__ __forceinline__ uint32_t round_pair(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t round_pair<__nv_bfloat16>(float lo, float hi) {
+  return as_u32(__floats2bfloat162_rn(lo, hi));
+}
+
+template <>
+__device__ __forceinline__ uint32_t round_pair<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &v, 4);
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void decode16(uint2 codes, float step, uint4 (&out)[2]) {
+  // e2m1.decode magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, times step in fp32, then rounded once.
+  const uint32_t w0 = round_pair<T>(__fmul_rn(0.0f, step), __fmul_rn(0.5f, step));
+  const uint32_t w1 = round_pair<T>(__fmul_rn(1.0f, step), __fmul_rn(1.5f, step));
+  const uint32_t w2 = round_pair<T>(__fmul_rn(2.0f, step), __fmul_rn(3.0f, step));
+  const uint32_t w3 = round_pair<T>(__fmul_rn(4.0f, step), __fmul_rn(6.0f, step));
+  const uint32_t lo0 = prmt(w0, w1, 0x6420), lo1 = prmt(w2, w3, 0x6420);  // low bytes of 0..3, 4..7
+  const uint32_t hi0 = prmt(w0, w1, 0x7531), hi1 = prmt(w2, w3, 0x7531);  // high bytes
+  uint32_t r[8];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {  // codes 4q .. 4q+3, one nibble each
+    const uint32_t c = (q < 2 ? codes.x : codes.y) >> (16 * (q & 1));
+    const uint32_t magnitude = c & 0x7777u;
+    const uint32_t lo = prmt(lo0, lo1, magnitude);
+    // A selector nibble with bit 3 set (a negative code) replicates the picked byte's top bit:
+    // 0x80 becomes 0xFF, whose bit 0, moved to bit 7, is the sign.
+    const uint32_t hi = prmt(hi0, hi1, magnitude) ^ ((prmt(0x80808080u, 0x80808080u, c) << 7) & 0x80808080u);
+    r[2 * q] = prmt(lo, hi, 0x5140);
+    r[2 * q + 1] = prmt(lo, hi, 0x7362);
+  }
+  out[0] = make_uint4(r[0], r[1], r[2], r[3]);
+  out[1] = make_uint4(r[4], r[5], r[6], r[7]);
+}
+
+// kMx: MXFP4 (E8M0 byte per 32 values: thread b reads byte b/2), else NVFP4 (step fp32(s / g)).
+template <typename T, bool kMx>
+__global__ void dequantize16_kernel(const uint2* __restrict__ packed, const uint8_t* __restrict__ scale,
+                                    const float* __restrict__ global_scale, long long n16, uint4* __restrict__ out) {
+  const float g = kMx ? 1.0f : global_scale[0];
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n16; b += stride) {
+    const uint2 codes = __ldg(packed + b);
+    const float step = kMx ? e8m0_decode(__ldg(scale + (b >> 1))) : __fdiv_rn(fp8_e4m3_decode(__ldg(scale + b)), g);
+    uint4 o[2];
+    decode16<T>(codes, step, o);
+    out[2 * b] = o[0];
+    out[2 * b + 1] = o[1];
+  }
+}
+
+// fp32 MXFP4: lane v writes the 16-byte output vector v (kPer values) from its kPer/2 packed bytes, so a
 // warp's loads and stores are contiguous.
 template <typename T>
 __device__ __forceinline__ uint32_t load_codes(const uint8_t* __restrict__ packed, long long v) {
@@ -66,6 +127,11 @@ extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned 
   const int grid = nvq::grid_for(n_blocks, nvq::kDequantThreads);
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      nvq::dequantize16_kernel<T, false><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+          reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<uint4*>(out));
+      return;
+    }
     nvq::nvfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<T*>(out));
   });
@@ -79,6 +145,13 @@ extern "C" int nvq_mxfp4_dequantize(const unsigned char* packed, const unsigned 
   if (rows * k == 0) return 0;
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      const long long n16 = rows * k / 16;
+      nvq::dequantize16_kernel<T, true><<<nvq::grid_for(n16, nvq::kDequantThreads), nvq::kDequantThreads, 0,
+                                          static_cast<cudaStream_t>(stream)>>>(
+          reinterpret_cast<const uint2*>(packed), scale, nullptr, n16, static_cast<uint4*>(out));
+      return;
+    }
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
     const int grid = nvq::grid_for(n_vec, nvq::kDequantThreads);
     nvq::mxfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
