@@ -60,6 +60,8 @@ from nvq.formats import e2m1, mxfp4, nvfp4  # noqa: E402
 
 GPU_SHAPES = [(8192, 28672), (4096, 4096), (2816, 704), (262144, 2816)]
 DRY_RUN_SHAPES = [(64, 256), (32, 64)]
+EXPERT_STACK = (128, 704, 2816)  # Gemma-4 26B-A4B: 128 experts of 704×2816
+DRY_RUN_EXPERT_STACK = (4, 32, 64)
 STD = 0.02
 DTYPE = torch.bfloat16
 COPY_BYTES = 2 << 30  # one 2 GiB buffer, as peer_quant.py
@@ -329,6 +331,62 @@ def bench_shape(shape, device, clock, copy_gbps, peers, expect_cuda) -> tuple[li
     return results, verification  # the buffers are freed on return; main() empties the cache
 
 
+def bench_experts(stack, device, clock, copy_gbps, expect_cuda) -> tuple[list[Result], Verification]:
+    """One MoE expert stack [E, N, K]: the batched ops (one call for the stack, per-expert global
+    scales) against one call of the 2-D ops per expert, and their bytes against each other."""
+    experts, rows, cols = stack
+    n = experts * rows * cols
+    name = f"{experts}x{rows}x{cols}"
+    n_inputs = buffers_needed(2 * n, device)
+    inputs = random_weights(stack, n_inputs, device, seed=experts + rows + cols)
+    # Experts of different magnitudes, so that each has its own global scale.
+    spread = torch.linspace(0.1, 10, experts, device=device).view(-1, 1, 1)
+    inputs = [(w.float() * spread).to(DTYPE) for w in inputs]
+    print(f"\n## expert stack {name}: {n:,} elements, {n_inputs} input buffers", flush=True)
+
+    v = Verification(f"expert stack {name}")
+    w = inputs[0]
+    packed, block_scale, g = ops.nvfp4_quantize_experts(w)
+    one = [nvq_nvfp4(w[e]) for e in range(experts)]
+    v.checks["NVFP4 batched == per expert: codes"] = compare(packed, torch.stack([o[0] for o in one]))
+    v.checks["NVFP4 batched == per expert: block scales"] = compare(block_scale, torch.stack([o[1] for o in one]))
+    v.checks["NVFP4 batched == per expert: global scales"] = compare(g, torch.cat([o[2] for o in one]))
+    for e in (0, experts - 1):
+        ref = reference_nvfp4(w[e])
+        v.checks[f"NVFP4 expert {e} == reference"] = compare(packed[e], ref[0])
+    mx_packed, mx_scale = ops.mxfp4_quantize_experts(w)
+    mx_one = [nvq_mxfp4(w[e]) for e in range(experts)]
+    v.checks["MXFP4 batched == per expert"] = compare(
+        torch.cat([mx_packed.flatten(), mx_scale.flatten()]),
+        torch.cat([torch.stack([o[0] for o in mx_one]).flatten(), torch.stack([o[1] for o in mx_one]).flatten()]))
+    del packed, block_scale, g, one, mx_packed, mx_scale, mx_one
+    print(f"verify {v.shape}: " + ", ".join(f"{k} {c}" for k, c in v.checks.items()), flush=True)
+
+    def cuda_backend(*op_names):
+        def check():
+            used = {op: ops.backend(op) for op in op_names}
+            if expect_cuda and set(used.values()) != {"cuda"}:
+                raise AssertionError(f"expected the cuda backend, got {used}")
+        return check
+
+    results: list[Result] = []
+    common = dict(clock=clock, copy_gbps=copy_gbps, n_elements=n)
+    rows_to_time = {
+        f"nvq NVFP4 quantize, expert stack in one call ({experts} global scales)": (
+            "nvfp4 quantize", lambda x: ops.nvfp4_quantize_experts(x), cuda_backend("nvfp4_quantize_experts")),
+        f"nvq NVFP4 quantize, one call per expert ({experts} x amax + global scale + quantize)": (
+            "nvfp4 quantize", lambda x: [nvq_nvfp4(x[e]) for e in range(experts)], cuda_backend("nvfp4_quantize_packed")),
+        "nvq MXFP4 quantize, expert stack in one call": (
+            "mxfp4 quantize", lambda x: ops.mxfp4_quantize_experts(x), cuda_backend("mxfp4_quantize_experts")),
+        f"nvq MXFP4 quantize, one call per expert ({experts} calls)": (
+            "mxfp4 quantize", lambda x: [nvq_mxfp4(x[e]) for e in range(experts)], cuda_backend("mxfp4_quantize_packed")),
+    }
+    for row_name, (kind, fn, check) in rows_to_time.items():
+        measure(results, name, row_name, kind, lambda i, fn=fn: fn(inputs[i]), n_inputs, check=check, **common)
+        free_memory(device)
+    return results, v
+
+
 # --- verification ---------------------------------------------------------------------------
 
 
@@ -497,6 +555,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, few reps: checks the script itself")
     parser.add_argument("--shapes", type=parse_shapes, help="e.g. 8192x28672,4096x4096")
+    parser.add_argument("--experts", help="MoE expert stack ExNxK, e.g. 128x704x2816; 'none' skips it")
     parser.add_argument("--reps", type=int, default=30, help="timed calls per row (median; >= 20 on the GPU)")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
@@ -529,6 +588,14 @@ def main(argv=None) -> int:
     for shape in shapes:
         shape_results, verification = bench_shape(shape, device, clock, copy.gbps, peers, expect_cuda=not args.dry_run)
         results += shape_results
+        verifications.append(verification)
+        free_memory(device)
+
+    if args.experts != "none":
+        stack = parse_shapes(args.experts)[0] if args.experts else (
+            DRY_RUN_EXPERT_STACK if args.dry_run else EXPERT_STACK)
+        expert_results, verification = bench_experts(stack, device, clock, copy.gbps, expect_cuda=not args.dry_run)
+        results += expert_results
         verifications.append(verification)
         free_memory(device)
 
