@@ -16,6 +16,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" NVQ_CACHE
 } 2>&1 | tee "$OUT/env.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 echo "bench exit ${PIPESTATUS[0]}"
+if [ -n "${BENCH2_ARGS:-}" ]; then  # a second bench, e.g. "--batch 8 --no-reference", its JSON in $OUT/batch
+  mkdir -p "$OUT/batch"
+  OUT="$OUT/batch" timeout "${BENCH_TIMEOUT:-300}" python3 bench/kernels.py $BENCH2_ARGS 2>&1 | tee "$OUT/bench-batch.log" | tail -30
+  echo "bench 2 exit ${PIPESTATUS[0]}"
+fi
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m cuda tests/test_kernels_cuda.py -q -p no:cacheprovider -rf 2>&1 \
   | tee "$OUT/tests.log" | tail -25
 if [ -z "${SKIP_NCU:-}" ] && command -v ncu >/dev/null; then

@@ -74,18 +74,37 @@ __device__ __forceinline__ void decode16(uint2 codes, float step, uint4 (&out)[2
 }
 
 // kMx: MXFP4 (E8M0 byte per 32 values: thread b reads byte b/2), else NVFP4 (step fp32(s / g)).
+// Each thread loads the codes and scales of kItems blocks (a grid stride apart, so every load is
+// coalesced) before decoding any, for more loads in flight.
+constexpr int kDequantItems = 4;
+
 template <typename T, bool kMx>
 __global__ void dequantize16_kernel(const uint2* __restrict__ packed, const uint8_t* __restrict__ scale,
                                     const float* __restrict__ global_scale, long long n16, uint4* __restrict__ out) {
   const float g = kMx ? 1.0f : global_scale[0];
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n16; b += stride) {
-    const uint2 codes = __ldg(packed + b);
-    const float step = kMx ? e8m0_decode(__ldg(scale + (b >> 1))) : __fdiv_rn(fp8_e4m3_decode(__ldg(scale + b)), g);
-    uint4 o[2];
-    decode16<T>(codes, step, o);
-    out[2 * b] = o[0];
-    out[2 * b + 1] = o[1];
+  for (long long b0 = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b0 < n16;
+       b0 += kDequantItems * stride) {
+    uint2 codes[kDequantItems] = {};
+    uint32_t byte[kDequantItems] = {};
+#pragma unroll
+    for (int u = 0; u < kDequantItems; ++u) {
+      const long long b = b0 + u * stride;
+      if (b < n16) {
+        codes[u] = __ldg(packed + b);
+        byte[u] = __ldg(scale + (kMx ? (b >> 1) : b));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDequantItems; ++u) {
+      const long long b = b0 + u * stride;
+      if (b >= n16) break;
+      const float step = kMx ? e8m0_decode(byte[u]) : __fdiv_rn(fp8_e4m3_decode(static_cast<uint8_t>(byte[u])), g);
+      uint4 o[2];
+      decode16<T>(codes[u], step, o);
+      out[2 * b] = o[0];
+      out[2 * b + 1] = o[1];
+    }
   }
 }
 
@@ -128,7 +147,8 @@ extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned 
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (sizeof(T) == 2) {
-      nvq::dequantize16_kernel<T, false><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      const int grid16 = nvq::grid_for((n_blocks + nvq::kDequantItems - 1) / nvq::kDequantItems, nvq::kDequantThreads);
+      nvq::dequantize16_kernel<T, false><<<grid16, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
           reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<uint4*>(out));
       return;
     }
@@ -147,7 +167,8 @@ extern "C" int nvq_mxfp4_dequantize(const unsigned char* packed, const unsigned 
     using T = decltype(tag);
     if constexpr (sizeof(T) == 2) {
       const long long n16 = rows * k / 16;
-      nvq::dequantize16_kernel<T, true><<<nvq::grid_for(n16, nvq::kDequantThreads), nvq::kDequantThreads, 0,
+      const long long items = (n16 + nvq::kDequantItems - 1) / nvq::kDequantItems;
+      nvq::dequantize16_kernel<T, true><<<nvq::grid_for(items, nvq::kDequantThreads), nvq::kDequantThreads, 0,
                                           static_cast<cudaStream_t>(stream)>>>(
           reinterpret_cast<const uint2*>(packed), scale, nullptr, n16, static_cast<uint4*>(out));
       return;

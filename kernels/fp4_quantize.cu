@@ -15,6 +15,7 @@
 namespace nvq {
 
 constexpr int kThreads = 256;
+constexpr int kQuantizeItems = 2;  // 16-value groups per thread and loop step in the bf16 kernels
 constexpr int kTableWords = kScaleBytes * kCutoffs;  // cutoff words per expert
 constexpr uint32_t kBf16AbsMask2 = 0x7FFF7FFFu;
 constexpr uint32_t kBf16Max2 = 0x7F7F7F7Fu;  // the largest finite bf16, in both halves
@@ -185,20 +186,31 @@ __global__ void __launch_bounds__(kThreads) nvfp4_quantize_bf16_kernel(const uin
   const uint32_t* __restrict__ table = table_all + expert * kTableWords;
   const float g = global_scale[expert];
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long b = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b < n_blocks; b += stride) {
-    uint32_t w[8], a[8];
-    load16_bf16(x + 2 * b, w);
+  // kQuantizeItems blocks per thread, a grid stride apart, all loaded before any is encoded.
+  for (long long b0 = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; b0 < n_blocks;
+       b0 += kQuantizeItems * stride) {
+    uint32_t w[kQuantizeItems][8] = {};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) a[j] = w[j] & kBf16AbsMask2;
-    const uint8_t s = ct_block_scale<__nv_bfloat16>(finite_max<__nv_bfloat16>(bf16_max16(a)), g);
-    const uint4* row = reinterpret_cast<const uint4*>(table + s * kCutoffs);
-    const uint4 lo = __ldg(row), hi = __ldg(row + 1);
-    const uint32_t c[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-    uint32_t n[8];
+    for (int u = 0; u < kQuantizeItems; ++u) {
+      if (b0 + u * stride < n_blocks) load16_bf16(x + 2 * (b0 + u * stride), w[u]);
+    }
 #pragma unroll
-    for (int j = 0; j < 8; ++j) n[j] = nvfp4_encode_pair(w[j], a[j], c);
-    packed[b] = pack_nibble_pairs(n);
-    block_scale[b] = s;
+    for (int u = 0; u < kQuantizeItems; ++u) {
+      const long long b = b0 + u * stride;
+      if (b >= n_blocks) break;
+      uint32_t a[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = w[u][j] & kBf16AbsMask2;
+      const uint8_t s = ct_block_scale<__nv_bfloat16>(finite_max<__nv_bfloat16>(bf16_max16(a)), g);
+      const uint4* row = reinterpret_cast<const uint4*>(table + s * kCutoffs);
+      const uint4 lo = __ldg(row), hi = __ldg(row + 1);
+      const uint32_t c[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      uint32_t n[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) n[j] = nvfp4_encode_pair(w[u][j], a[j], c);
+      packed[b] = pack_nibble_pairs(n);
+      block_scale[b] = s;
+    }
   }
 }
 
@@ -271,32 +283,39 @@ __global__ void __launch_bounds__(kThreads) mxfp4_quantize_bf16_kernel(const uin
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   const __nv_bfloat162 zero2 = as_bf162(0u), max2 = as_bf162(kBf16Max2);
   for (long long base = blockIdx.x * static_cast<long long>(blockDim.x) + (threadIdx.x - lane); base < n16;
-       base += stride) {  // whole warps iterate together, for the shuffle
-    const long long i = base + lane;
-    const bool active = i < n16;
-    uint32_t w[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8];
-    if (active) load16_bf16(x + 2 * i, w);
+       base += kQuantizeItems * stride) {  // whole warps iterate together, for the shuffle
+    uint32_t w[kQuantizeItems][8] = {};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {  // _blocks.sanitize: NaN -> 0, ±Inf -> ±max (on |x|)
-      a[j] = as_u32(__hmin2(__hmax2(as_bf162(w[j] & kBf16AbsMask2), zero2), max2));
+    for (int u = 0; u < kQuantizeItems; ++u) {
+      const long long i = base + u * stride + lane;
+      if (i < n16) load16_bf16(x + 2 * i, w[u]);
     }
-    float m = bf16_max16(a);
-    m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
-    if (!active) continue;
-    const uint32_t byte = e8m0_even_byte<__nv_bfloat16>(m);
-    uint2 out = make_uint2(0u, 0u);  // byte 255 (NaN scale): every code 0x0
-    if (byte != 255u) {
-      // 2^-X as bf16, X = byte - 127: exponent field 254 - byte (the EVEN byte of a finite bf16
-      // amax is at most 252, so the field stays normal).
-      const uint32_t inverse = (254u - byte) << 7;
-      const uint32_t inverse2 = inverse | (inverse << 16);
-      uint32_t n[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) n[j] = mxfp4_encode_pair(w[j], a[j], inverse2);
-      out = pack_nibble_pairs(n);
+    for (int u = 0; u < kQuantizeItems; ++u) {
+      const long long i = base + u * stride + lane;
+      uint32_t a[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {  // _blocks.sanitize: NaN -> 0, ±Inf -> ±max (on |x|)
+        a[j] = as_u32(__hmin2(__hmax2(as_bf162(w[u][j] & kBf16AbsMask2), zero2), max2));
+      }
+      float m = bf16_max16(a);
+      m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, 1));
+      if (i >= n16) continue;
+      const uint32_t byte = e8m0_even_byte<__nv_bfloat16>(m);
+      uint2 out = make_uint2(0u, 0u);  // byte 255 (NaN scale): every code 0x0
+      if (byte != 255u) {
+        // 2^-X as bf16, X = byte - 127: exponent field 254 - byte (the EVEN byte of a finite bf16
+        // amax is at most 252, so the field stays normal).
+        const uint32_t inverse = (254u - byte) << 7;
+        const uint32_t inverse2 = inverse | (inverse << 16);
+        uint32_t n[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) n[j] = mxfp4_encode_pair(w[u][j], a[j], inverse2);
+        out = pack_nibble_pairs(n);
+      }
+      packed[i] = out;
+      if ((lane & 1) == 0) scale[i >> 1] = static_cast<uint8_t>(byte);
     }
-    packed[i] = out;
-    if ((lane & 1) == 0) scale[i >> 1] = static_cast<uint8_t>(byte);
   }
 }
 
@@ -351,7 +370,8 @@ extern "C" int nvq_nvfp4_quantize(const void* x, long long experts, long long ro
   const long long n_blocks = rows * k / nvq::kNvfp4Block;  // per expert
   if (nvq::is_bf16(dtype)) {
     nvq::nvfp4_cutoff_table_kernel<__nv_bfloat16><<<table_grid, nvq::kThreads, 0, s>>>(global_scale, table);
-    const dim3 grid(nvq::grid_for(n_blocks, nvq::kThreads), static_cast<unsigned>(experts));
+    const long long items = (n_blocks + nvq::kQuantizeItems - 1) / nvq::kQuantizeItems;
+    const dim3 grid(nvq::grid_for(items, nvq::kThreads), static_cast<unsigned>(experts));
     nvq::nvfp4_quantize_bf16_kernel<<<grid, nvq::kThreads, 0, s>>>(
         static_cast<const uint4*>(x), n_blocks, global_scale, table, reinterpret_cast<uint2*>(packed), block_scale);
     return static_cast<int>(cudaGetLastError());
@@ -375,7 +395,8 @@ extern "C" int nvq_mxfp4_quantize(const void* x, long long rows, long long k, in
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (nvq::is_bf16(dtype)) {
     const long long n16 = rows * k / 16;
-    nvq::mxfp4_quantize_bf16_kernel<<<nvq::grid_for(n16, nvq::kThreads), nvq::kThreads, 0, s>>>(
+    const long long items = (n16 + nvq::kQuantizeItems - 1) / nvq::kQuantizeItems;
+    nvq::mxfp4_quantize_bf16_kernel<<<nvq::grid_for(items, nvq::kThreads), nvq::kThreads, 0, s>>>(
         static_cast<const uint4*>(x), n16, reinterpret_cast<uint2*>(packed), scale);
     return static_cast<int>(cudaGetLastError());
   }
@@ -385,4 +406,24 @@ extern "C" int nvq_mxfp4_quantize(const void* x, long long rows, long long k, in
     const int grid = nvq::grid_for(n_vec, nvq::kThreads);  // measured faster than a resident grid here
     nvq::mxfp4_quantize_kernel<T><<<grid, nvq::kThreads, 0, s>>>(static_cast<const T*>(x), n_vec, packed, scale);
   });
+}
+
+// The whole NVFP4 path for a stack in one call: each expert's amax (into amax_scratch, zeroed here)
+// unless amax is given (already rounded to the weight dtype), its global scale into global_scale,
+// the cutoff tables, the codes and block scales.
+extern "C" int nvq_nvfp4_quantize_auto(const void* x, long long experts, long long rows, long long k, int dtype,
+                                       const float* amax, float* amax_scratch, float* global_scale, unsigned int* table,
+                                       unsigned char* packed, unsigned char* block_scale, void* stream) {
+  if (experts < 0 || experts > 65535 || rows < 0 || k < 0 || k % nvq::kNvfp4Block) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (experts == 0) return 0;
+  if (amax == nullptr) {
+    const cudaError_t e = cudaMemsetAsync(amax_scratch, 0, experts * sizeof(float), static_cast<cudaStream_t>(stream));
+    if (e != cudaSuccess) return static_cast<int>(e);
+    if (const int e2 = nvq_amax(x, experts, rows * k, dtype, amax_scratch, stream)) return e2;
+    amax = amax_scratch;
+  }
+  if (const int e = nvq_nvfp4_global_scale(amax, experts, dtype, global_scale, stream)) return e;
+  return nvq_nvfp4_quantize(x, experts, rows, k, dtype, global_scale, table, packed, block_scale, stream);
 }

@@ -50,6 +50,7 @@ __all__ = [
     "expert_amax",
     "nvfp4_quantize_experts",
     "mxfp4_quantize_experts",
+    "nvfp4_quantize",
     "backend",
     "kernels_available",
     "parse_arch_list",
@@ -77,6 +78,7 @@ OPS = (
     "expert_amax",
     "nvfp4_quantize_experts",
     "mxfp4_quantize_experts",
+    "nvfp4_quantize",
 )
 
 # --- building -------------------------------------------------------------------------------
@@ -346,6 +348,9 @@ C_SIGNATURES = {
     # x, experts, rows, k (each expert [rows, k]), dtype, global_scale [experts], cutoff-table scratch
     # [experts, NVFP4_TABLE_WORDS], packed, block_scale, stream
     "nvq_nvfp4_quantize": (_PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR),
+    # x, experts, rows, k, dtype, amax [experts] or NULL (then computed), amax scratch [experts],
+    # global_scale out [experts], cutoff-table scratch, packed, block_scale, stream
+    "nvq_nvfp4_quantize_auto": (_PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR),
     # x, rows, k, dtype, packed, scale, stream
     "nvq_mxfp4_quantize": (_PTR, _I64, _I64, _INT, _PTR, _PTR, _PTR),
     # packed, block_scale, global_scale, rows, k, dtype, out, stream
@@ -717,27 +722,32 @@ def nvfp4_quantize_experts(w: Tensor, amax: Tensor | None = None) -> tuple[Tenso
                     torch.empty((0, rows, k // NVFP4_BLOCK), dtype=torch.float8_e4m3fn, device=x.device),
                     torch.empty(0, dtype=torch.float32, device=x.device))
         return torch.stack(packed), torch.stack(scales), torch.cat(gs)
-    code = DTYPE_CODES[x.dtype]
-    if amax is None:
-        a = torch.zeros(experts, dtype=torch.float32, device=x.device)
-        if x.numel():
-            _launch(library, "nvq_amax", x.device, x.data_ptr(), experts, rows * k, code, a.data_ptr())
-    else:
-        # nvfp4.global_scale first rounds amax to the weight dtype; fp32 holds that exactly.
-        a = amax.reshape(experts).to(x.dtype).float().contiguous()
+    # One launcher call: amax (unless given), global scales, cutoff tables, codes.
+    a = None if amax is None else amax.reshape(experts).to(x.dtype).float().contiguous()  # as nvfp4.global_scale
+    scratch = torch.empty(experts * (NVFP4_TABLE_WORDS + 1), dtype=torch.int32, device=x.device)
     g = torch.empty(experts, dtype=torch.float32, device=x.device)
     packed = torch.empty((experts, rows, k // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((experts, rows, k // NVFP4_BLOCK), dtype=torch.uint8, device=x.device)
     if experts:
-        _launch(library, "nvq_nvfp4_global_scale", x.device, a.data_ptr(), experts, code, g.data_ptr())
-    if x.numel():
-        table = torch.empty(experts * NVFP4_TABLE_WORDS, dtype=torch.int32, device=x.device)
+        table = scratch.data_ptr()
         _launch(
-            library, "nvq_nvfp4_quantize", x.device,
-            x.data_ptr(), experts, rows, k, code, g.data_ptr(), table.data_ptr(), packed.data_ptr(),
-            block_scale.data_ptr(),
+            library, "nvq_nvfp4_quantize_auto", x.device,
+            x.data_ptr(), experts, rows, k, DTYPE_CODES[x.dtype], None if a is None else a.data_ptr(),
+            table + experts * NVFP4_TABLE_WORDS * 4, g.data_ptr(), table, packed.data_ptr(), block_scale.data_ptr(),
         )
     return packed, block_scale.view(torch.float8_e4m3fn), g
+
+
+def nvfp4_quantize(w: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed uint8 [N, K/2], block_scale float8_e4m3fn [N, K/16], global_scale float32 [1]) of a 2-D
+    weight in one call: `nvfp4_quantize_experts` on a stack of one. Equal to `tensor_amax` ->
+    `nvfp4_global_scale` -> `nvfp4_quantize_packed` (with `amax`, a fusion group's, if given)."""
+    check_weight(w, NVFP4_BLOCK, "NVFP4")
+    if amax is not None:
+        _check_scalar(amax, "amax")
+    packed, block_scale, g = nvfp4_quantize_experts(w.unsqueeze(0), None if amax is None else amax.reshape(1))
+    _last_backend["nvfp4_quantize"] = _last_backend["nvfp4_quantize_experts"]
+    return packed[0], block_scale[0], g
 
 
 def mxfp4_quantize_experts(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -55,6 +55,13 @@ extern "C" int nvq_nvfp4_quantize(const void*, long long experts, long long rows
     int e = nvq_stub_launch(packed, experts * rows * k / 2, stream);
     return e ? e : nvq_stub_launch(block_scale, experts * rows * k / 16, stream);
 }
+extern "C" int nvq_nvfp4_quantize_auto(const void*, long long experts, long long rows, long long k, int,
+                                       const float*, float*, float* g, unsigned int*, unsigned char* packed,
+                                       unsigned char* block_scale, void* stream) {
+    int e = nvq_stub_launch(packed, experts * rows * k / 2, stream);
+    e = e ? e : nvq_stub_launch(g, experts * 4, stream);
+    return e ? e : nvq_stub_launch(block_scale, experts * rows * k / 16, stream);
+}
 extern "C" int nvq_mxfp4_quantize(const void*, long long rows, long long k, int, unsigned char* packed,
                                   unsigned char* scale, void* stream) {
     int e = nvq_stub_launch(packed, rows * k / 2, stream);
@@ -374,6 +381,10 @@ def check_expert_ops(stack):
             assert torch.equal(bits(g[e:e + 1]), bits(g_ref)), f"expert {e}: global scale"
             assert torch.equal(packed[e], e2m1.pack_pairs(q.codes)), f"expert {e}: codes"
             assert torch.equal(block_scale[e].view(torch.uint8), q.block_scale.view(torch.uint8)), f"expert {e}"
+    packed, block_scale, g = ops.nvfp4_quantize(stack[0])
+    q = nvfp4.quantize(stack[0], global_scale=nvfp4.global_scale(own[0], stack.dtype))
+    assert torch.equal(bits(g), bits(q.global_scale)) and torch.equal(packed, e2m1.pack_pairs(q.codes))
+    assert torch.equal(block_scale.view(torch.uint8), q.block_scale.view(torch.uint8))
     mx_packed, mx_scale = ops.mxfp4_quantize_experts(stack)
     for e, w in enumerate(stack):
         mq = mxfp4.quantize(w)
@@ -459,6 +470,15 @@ class ReferenceABI:
         qs = [nvfp4.quantize(w[e], global_scale=g[e:e + 1]) for e in range(experts)]
         self.write(packed, torch.stack([e2m1.pack_pairs(q.codes) for q in qs]))
         self.write(block_scale, torch.stack([q.block_scale.view(torch.uint8) for q in qs]))
+
+    def nvq_nvfp4_quantize_auto(self, x, experts, rows, k, dtype, amax, amax_scratch, global_scale, table, packed,
+                                block_scale, stream):
+        if not amax:
+            self.write(amax_scratch, torch.zeros(experts))
+            self.nvq_amax(x, experts, rows * k, dtype, amax_scratch, stream)
+            amax = amax_scratch
+        self.nvq_nvfp4_global_scale(amax, experts, dtype, global_scale, stream)
+        self.nvq_nvfp4_quantize(x, experts, rows, k, dtype, global_scale, table, packed, block_scale, stream)
 
     def nvq_mxfp4_quantize(self, x, rows, k, dtype, packed, scale, stream):
         q = mxfp4.quantize(self.read(x, (rows, k), self.DTYPES[dtype]))
