@@ -48,6 +48,12 @@ def assert_nvfp4_equal(w: torch.Tensor, members: list[torch.Tensor] | None = Non
     assert torch.equal(got[2].view(torch.int32), ref[2].view(torch.int32)), "global scale bits differ"
     assert_bytes_equal(got[1], ref[1], "block scales")
     assert_bytes_equal(got[0], ref[0], "packed codes")
+    if members is None:  # the one-call path (amax, global scale, tables, codes from one launcher)
+        packed, scale, g = ops.nvfp4_quantize(w.cuda())
+        assert ops.backend("nvfp4_quantize") == "cuda"
+        assert torch.equal(g.cpu().view(torch.int32), ref[2].view(torch.int32)), "one call: global scale bits differ"
+        assert_bytes_equal(scale.view(torch.uint8).cpu(), ref[1], "one call: block scales")
+        assert_bytes_equal(packed.cpu(), ref[0], "one call: packed codes")
 
 
 def assert_mxfp4_equal(w: torch.Tensor):
