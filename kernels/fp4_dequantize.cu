@@ -1,6 +1,8 @@
 // NVFP4 and MXFP4 dequantize kernels, equal to nvq.formats.nvfp4.dequantize /
 // nvq.formats.mxfp4.dequantize: each value is e2m1 · step in fp32, rounded once to the output
 // dtype.
+#include <stdlib.h>
+
 #include "fp4.cuh"
 
 namespace nvq {
@@ -48,35 +50,73 @@ __device__ __forceinline__ uint32_t round_pair<__half>(float lo, float hi) {
   return r;
 }
 
+// The 8 magnitudes times step, rounded to T: low bytes of 0..3 and 4..7, high bytes likewise.
+struct DecodeTable {
+  uint32_t lo0, lo1, hi0, hi1;
+};
+
 template <typename T>
-__device__ __forceinline__ void decode16(uint2 codes, float step, uint4 (&out)[2]) {
+__device__ __forceinline__ DecodeTable decode_table(float step) {
   // e2m1.decode magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, times step in fp32, then rounded once.
   const uint32_t w0 = round_pair<T>(__fmul_rn(0.0f, step), __fmul_rn(0.5f, step));
   const uint32_t w1 = round_pair<T>(__fmul_rn(1.0f, step), __fmul_rn(1.5f, step));
   const uint32_t w2 = round_pair<T>(__fmul_rn(2.0f, step), __fmul_rn(3.0f, step));
   const uint32_t w3 = round_pair<T>(__fmul_rn(4.0f, step), __fmul_rn(6.0f, step));
-  const uint32_t lo0 = prmt(w0, w1, 0x6420), lo1 = prmt(w2, w3, 0x6420);  // low bytes of 0..3, 4..7
-  const uint32_t hi0 = prmt(w0, w1, 0x7531), hi1 = prmt(w2, w3, 0x7531);  // high bytes
-  uint32_t r[8];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {  // codes 4q .. 4q+3, one nibble each
-    const uint32_t c = (q < 2 ? codes.x : codes.y) >> (16 * (q & 1));
-    const uint32_t magnitude = c & 0x7777u;
-    const uint32_t lo = prmt(lo0, lo1, magnitude);
-    // A selector nibble with bit 3 set (a negative code) replicates the picked byte's top bit:
-    // 0x80 becomes 0xFF, whose bit 0, moved to bit 7, is the sign.
-    const uint32_t hi = prmt(hi0, hi1, magnitude) ^ ((prmt(0x80808080u, 0x80808080u, c) << 7) & 0x80808080u);
-    r[2 * q] = prmt(lo, hi, 0x5140);
-    r[2 * q + 1] = prmt(lo, hi, 0x7362);
+  return {prmt(w0, w1, 0x6420), prmt(w2, w3, 0x6420), prmt(w0, w1, 0x7531), prmt(w2, w3, 0x7531)};
+}
+
+// Codes 0..3 in the low 16 bits of c (one nibble each) -> values 0, 1 in r0 and 2, 3 in r1.
+__device__ __forceinline__ void decode4(const DecodeTable& t, uint32_t c, uint32_t& r0, uint32_t& r1) {
+  const uint32_t magnitude = c & 0x7777u;
+  const uint32_t lo = prmt(t.lo0, t.lo1, magnitude);
+  // A selector nibble with bit 3 set (a negative code) replicates the picked byte's top bit:
+  // 0x80 becomes 0xFF, whose bit 0, moved to bit 7, is the sign.
+  const uint32_t hi = prmt(t.hi0, t.hi1, magnitude) ^ ((prmt(0x80808080u, 0x80808080u, c) << 7) & 0x80808080u);
+  r0 = prmt(lo, hi, 0x5140);
+  r1 = prmt(lo, hi, 0x7362);
+}
+
+template <typename T>
+__device__ __forceinline__ void decode16(uint2 codes, float step, uint4 (&out)[2]) {
+  const DecodeTable t = decode_table<T>(step);
+  decode4(t, codes.x, out[0].x, out[0].y);
+  decode4(t, codes.x >> 16, out[0].z, out[0].w);
+  decode4(t, codes.y, out[1].x, out[1].y);
+  decode4(t, codes.y >> 16, out[1].z, out[1].w);
+}
+
+// One lane per 8 values (a 16-byte output vector), so that a warp's stores are contiguous; the
+// two (NVFP4) or four (MXFP4) lanes of a scale block each build its table.
+template <typename T, bool kMx>
+__global__ void dequantize8_kernel(const uint32_t* __restrict__ packed, const uint8_t* __restrict__ scale,
+                                   const float* __restrict__ global_scale, long long n8, uint4* __restrict__ out) {
+  const float g = kMx ? 1.0f : global_scale[0];
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long v = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; v < n8; v += stride) {
+    const uint32_t codes = __ldg(packed + v);
+    const float step = kMx ? e8m0_decode(__ldg(scale + (v >> 2))) : __fdiv_rn(fp8_e4m3_decode(__ldg(scale + (v >> 1))), g);
+    const DecodeTable t = decode_table<T>(step);
+    uint4 o;
+    decode4(t, codes, o.x, o.y);
+    decode4(t, codes >> 16, o.z, o.w);
+    out[v] = o;
   }
-  out[0] = make_uint4(r[0], r[1], r[2], r[3]);
-  out[1] = make_uint4(r[4], r[5], r[6], r[7]);
+}
+
+// Whether to use dequantize8_kernel (one lane per 8 values) rather than dequantize16_kernel (one
+// thread per 16): a measurement switch, NVQ_DEQUANT_LANES=1.
+inline bool dequant_lanes() {
+  static const bool lanes = [] {
+    const char* v = getenv("NVQ_DEQUANT_LANES");
+    return v != nullptr && v[0] == '1';
+  }();
+  return lanes;
 }
 
 // kMx: MXFP4 (E8M0 byte per 32 values: thread b reads byte b/2), else NVFP4 (step fp32(s / g)).
 // Each thread loads the codes and scales of kItems blocks (a grid stride apart, so every load is
 // coalesced) before decoding any, for more loads in flight.
-constexpr int kDequantItems = 4;
+constexpr int kDequantItems = 1;
 
 template <typename T, bool kMx>
 __global__ void dequantize16_kernel(const uint2* __restrict__ packed, const uint8_t* __restrict__ scale,
@@ -147,6 +187,13 @@ extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned 
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (sizeof(T) == 2) {
+      if (nvq::dequant_lanes()) {
+        const long long n8 = rows * k / 8;
+        nvq::dequantize8_kernel<T, false><<<nvq::grid_for(n8, nvq::kDequantThreads), nvq::kDequantThreads, 0,
+                                            static_cast<cudaStream_t>(stream)>>>(
+            reinterpret_cast<const uint32_t*>(packed), block_scale, global_scale, n8, static_cast<uint4*>(out));
+        return;
+      }
       const int grid16 = nvq::grid_for((n_blocks + nvq::kDequantItems - 1) / nvq::kDequantItems, nvq::kDequantThreads);
       nvq::dequantize16_kernel<T, false><<<grid16, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
           reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<uint4*>(out));
@@ -166,6 +213,13 @@ extern "C" int nvq_mxfp4_dequantize(const unsigned char* packed, const unsigned 
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (sizeof(T) == 2) {
+      if (nvq::dequant_lanes()) {
+        const long long n8 = rows * k / 8;
+        nvq::dequantize8_kernel<T, true><<<nvq::grid_for(n8, nvq::kDequantThreads), nvq::kDequantThreads, 0,
+                                           static_cast<cudaStream_t>(stream)>>>(
+            reinterpret_cast<const uint32_t*>(packed), scale, nullptr, n8, static_cast<uint4*>(out));
+        return;
+      }
       const long long n16 = rows * k / 16;
       const long long items = (n16 + nvq::kDequantItems - 1) / nvq::kDequantItems;
       nvq::dequantize16_kernel<T, true><<<nvq::grid_for(items, nvq::kDequantThreads), nvq::kDequantThreads, 0,
