@@ -60,7 +60,10 @@ from nvq.formats import e2m1, mxfp4, nvfp4  # noqa: E402
 
 GPU_SHAPES = [(8192, 28672), (4096, 4096), (2816, 704), (262144, 2816)]
 DRY_RUN_SHAPES = [(64, 256), (32, 64)]
+EXPERT_STACK = (128, 704, 2816)  # Gemma-4 26B-A4B: 128 experts of 704×2816
+DRY_RUN_EXPERT_STACK = (4, 32, 64)
 STD = 0.02
+NO_REFERENCE = False
 DTYPE = torch.bfloat16
 COPY_BYTES = 2 << 30  # one 2 GiB buffer, as peer_quant.py
 DRY_RUN_COPY_BYTES = 64 << 20
@@ -106,29 +109,37 @@ class Verification:
 
 
 class Clock:
-    """Median milliseconds of `reps` calls of fn(i), i rotating over the input buffers."""
+    """Median milliseconds of `reps` calls of fn(i), i rotating over the input buffers. With
+    batch > 1, each sample times `batch` calls back to back (the host queues the next call while
+    the GPU runs the last, as a conversion over many tensors does) and divides by batch."""
 
-    def __init__(self, device: torch.device, reps: int, warmup: int):
-        self.device, self.reps, self.warmup = device, reps, warmup
+    def __init__(self, device: torch.device, reps: int, warmup: int, batch: int = 1):
+        self.device, self.reps, self.warmup, self.batch = device, reps, warmup, batch
+
+    n_inputs_hint = 1
 
     def median_ms(self, fn: Callable[[int], object], n_inputs: int) -> float:
+        self.n_inputs_hint = n_inputs
         for i in range(self.warmup):
             fn(i % n_inputs)
         self._sync()
-        times = [self._one(fn, (self.warmup + r) % n_inputs) for r in range(self.reps)]
+        times = [self._one(fn, (self.warmup + r * self.batch) % n_inputs) for r in range(self.reps)]
         return statistics.median(times)
 
     def _one(self, fn: Callable[[int], object], i: int) -> float:
+        n = max(1, self.n_inputs_hint)
         if self.device.type != "cuda":
             start = time.perf_counter()
-            fn(i)
-            return (time.perf_counter() - start) * 1e3
+            for b in range(self.batch):
+                fn((i + b) % n)
+            return (time.perf_counter() - start) * 1e3 / self.batch
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(i)
+        for b in range(self.batch):
+            fn((i + b) % n)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / self.batch
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -156,6 +167,11 @@ def free_memory(device: torch.device) -> None:
 
 
 def nvq_nvfp4(w):
+    packed, block_scale, g = ops.nvfp4_quantize(w)  # amax, global scale, quantize in one call
+    return packed, block_scale, g
+
+
+def nvq_nvfp4_three_ops(w):
     g = ops.nvfp4_global_scale(ops.tensor_amax(w), w.dtype)
     packed, block_scale = ops.nvfp4_quantize_packed(w, g)
     return packed, block_scale, g
@@ -292,8 +308,8 @@ def bench_shape(shape, device, clock, copy_gbps, peers, expect_cuda) -> tuple[li
     results: list[Result] = []
     common = dict(clock=clock, copy_gbps=copy_gbps, n_elements=n)
     quantize_rows = {
-        "nvq NVFP4 quantize (amax + global scale + quantize)": (
-            "nvfp4 quantize", nvq_nvfp4, backend_is_cuda("tensor_amax", "nvfp4_global_scale", "nvfp4_quantize_packed")),
+        "nvq NVFP4 quantize (amax + global scale + quantize, ops.nvfp4_quantize)": (
+            "nvfp4 quantize", nvq_nvfp4, backend_is_cuda("nvfp4_quantize")),
         "nvq MXFP4 quantize": ("mxfp4 quantize", nvq_mxfp4, backend_is_cuda("mxfp4_quantize_packed")),
     }
     for name, (kind, fn, check) in quantize_rows.items():
@@ -323,10 +339,67 @@ def bench_shape(shape, device, clock, copy_gbps, peers, expect_cuda) -> tuple[li
         "torch reference MXFP4 dequantize -> bf16": (
             "mxfp4 dequantize", lambda i: reference_mxfp4_dequantize(*mx_sets[i]), n_sets),
     }
-    for name, (kind, fn, count) in reference_rows.items():
+    for name, (kind, fn, count) in ({} if NO_REFERENCE else reference_rows).items():
         measure(results, shape_name, name, kind, fn, count, **common)
         free_memory(device)
     return results, verification  # the buffers are freed on return; main() empties the cache
+
+
+def bench_experts(stack, device, clock, copy_gbps, expect_cuda) -> tuple[list[Result], Verification]:
+    """One MoE expert stack [E, N, K]: the batched ops (one call for the stack, per-expert global
+    scales) against one call of the 2-D ops per expert, and their bytes against each other."""
+    experts, rows, cols = stack
+    n = experts * rows * cols
+    name = f"{experts}x{rows}x{cols}"
+    n_inputs = buffers_needed(2 * n, device)
+    inputs = random_weights(stack, n_inputs, device, seed=experts + rows + cols)
+    # Experts of different magnitudes, so that each has its own global scale.
+    spread = torch.linspace(0.1, 10, experts, device=device).view(-1, 1, 1)
+    inputs = [(w.float() * spread).to(DTYPE) for w in inputs]
+    print(f"\n## expert stack {name}: {n:,} elements, {n_inputs} input buffers", flush=True)
+
+    v = Verification(f"expert stack {name}")
+    w = inputs[0]
+    packed, block_scale, g = ops.nvfp4_quantize_experts(w)
+    one = [nvq_nvfp4_three_ops(w[e]) for e in range(experts)]
+    v.checks["NVFP4 batched == per expert: codes"] = compare(packed, torch.stack([o[0] for o in one]))
+    v.checks["NVFP4 batched == per expert: block scales"] = compare(block_scale, torch.stack([o[1] for o in one]))
+    v.checks["NVFP4 batched == per expert: global scales"] = compare(g, torch.cat([o[2] for o in one]))
+    for e in (0, experts - 1):
+        ref = reference_nvfp4(w[e])
+        v.checks[f"NVFP4 expert {e} == reference"] = compare(packed[e], ref[0])
+    mx_packed, mx_scale = ops.mxfp4_quantize_experts(w)
+    mx_one = [nvq_mxfp4(w[e]) for e in range(experts)]
+    v.checks["MXFP4 batched == per expert"] = compare(
+        torch.cat([mx_packed.flatten(), mx_scale.flatten()]),
+        torch.cat([torch.stack([o[0] for o in mx_one]).flatten(), torch.stack([o[1] for o in mx_one]).flatten()]))
+    del packed, block_scale, g, one, mx_packed, mx_scale, mx_one
+    print(f"verify {v.shape}: " + ", ".join(f"{k} {c}" for k, c in v.checks.items()), flush=True)
+
+    def cuda_backend(*op_names):
+        def check():
+            used = {op: ops.backend(op) for op in op_names}
+            if expect_cuda and set(used.values()) != {"cuda"}:
+                raise AssertionError(f"expected the cuda backend, got {used}")
+        return check
+
+    results: list[Result] = []
+    common = dict(clock=clock, copy_gbps=copy_gbps, n_elements=n)
+    rows_to_time = {
+        f"nvq NVFP4 quantize, expert stack in one call ({experts} global scales)": (
+            "nvfp4 quantize", lambda x: ops.nvfp4_quantize_experts(x), cuda_backend("nvfp4_quantize_experts")),
+        f"nvq NVFP4 quantize, one call per expert ({experts} x tensor_amax, global_scale, quantize_packed)": (
+            "nvfp4 quantize", lambda x: [nvq_nvfp4_three_ops(x[e]) for e in range(experts)],
+            cuda_backend("nvfp4_quantize_packed")),
+        "nvq MXFP4 quantize, expert stack in one call": (
+            "mxfp4 quantize", lambda x: ops.mxfp4_quantize_experts(x), cuda_backend("mxfp4_quantize_experts")),
+        f"nvq MXFP4 quantize, one call per expert ({experts} calls)": (
+            "mxfp4 quantize", lambda x: [nvq_mxfp4(x[e]) for e in range(experts)], cuda_backend("mxfp4_quantize_packed")),
+    }
+    for row_name, (kind, fn, check) in rows_to_time.items():
+        measure(results, name, row_name, kind, lambda i, fn=fn: fn(inputs[i]), n_inputs, check=check, **common)
+        free_memory(device)
+    return results, v
 
 
 # --- verification ---------------------------------------------------------------------------
@@ -352,6 +425,9 @@ def verify(shape_name: str, w: torch.Tensor, peers: dict) -> Verification:
     """nvq (ops) against the torch reference on the same device, byte for byte."""
     v = Verification(shape_name)
     nv_got, nv_want = nvq_nvfp4(w), reference_nvfp4(w)
+    three = nvq_nvfp4_three_ops(w)
+    v.checks["NVFP4 three ops == one call"] = compare(torch.cat([t.flatten().view(torch.uint8) for t in three]),
+                                                      torch.cat([t.flatten().view(torch.uint8) for t in nv_got]))
     v.checks["NVFP4 global scale"] = compare(nv_got[2], nv_want[2])
     v.checks["NVFP4 block scales"] = compare(nv_got[1], nv_want[1])
     v.checks["NVFP4 codes"] = compare(nv_got[0], nv_want[0])
@@ -497,10 +573,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, few reps: checks the script itself")
     parser.add_argument("--shapes", type=parse_shapes, help="e.g. 8192x28672,4096x4096")
+    parser.add_argument("--experts", help="MoE expert stack ExNxK, e.g. 128x704x2816; 'none' skips it")
     parser.add_argument("--reps", type=int, default=30, help="timed calls per row (median; >= 20 on the GPU)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="calls per timed sample, back to back (default 1)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the torch-reference rows")
     args = parser.parse_args(argv)
 
+    global NO_REFERENCE
+    NO_REFERENCE = args.no_reference
     device = torch.device("cpu" if args.dry_run else "cuda")
     shapes = args.shapes or (DRY_RUN_SHAPES if args.dry_run else GPU_SHAPES)
     reps, warmup = (3, 1) if args.dry_run else (args.reps, args.warmup)
@@ -517,7 +598,8 @@ def main(argv=None) -> int:
 
     meta = versions(device)
     print(json.dumps(meta), flush=True)
-    clock = Clock(device, reps, warmup)
+    clock = Clock(device, reps, warmup, batch=args.batch)
+    meta["calls per timed sample"] = args.batch
     peers, notes = load_peers()
     for note in notes:
         print(note, flush=True)
@@ -529,6 +611,14 @@ def main(argv=None) -> int:
     for shape in shapes:
         shape_results, verification = bench_shape(shape, device, clock, copy.gbps, peers, expect_cuda=not args.dry_run)
         results += shape_results
+        verifications.append(verification)
+        free_memory(device)
+
+    if args.experts != "none":
+        stack = parse_shapes(args.experts)[0] if args.experts else (
+            DRY_RUN_EXPERT_STACK if args.dry_run else EXPERT_STACK)
+        expert_results, verification = bench_experts(stack, device, clock, copy.gbps, expect_cuda=not args.dry_run)
+        results += expert_results
         verifications.append(verification)
         free_memory(device)
 

@@ -9,6 +9,9 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
 
 namespace nvq {
 
@@ -261,6 +264,54 @@ __device__ __forceinline__ uint32_t e2m1_encode_by_cutoffs(float x, const float 
   const float a = fabsf(x);
   const uint32_t code = count_reached(a, cut);
   return (x < 0.0f && a >= cut[0]) ? (code | 0x8u) : code;
+}
+
+// --- packed 16-bit helpers (bf16 fast paths) ----------------------------------------------
+// Two bf16 values in one 32-bit word, element 2i in the low half, as they lie in memory.
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+  return r;
+}
+
+__device__ __forceinline__ __nv_bfloat162 as_bf162(uint32_t w) {
+  __nv_bfloat162 r;
+  memcpy(&r, &w, 4);
+  return r;
+}
+
+__device__ __forceinline__ uint32_t as_u32(__nv_bfloat162 v) {
+  uint32_t r;
+  memcpy(&r, &v, 4);
+  return r;
+}
+
+// 0xFFFF in each half where a >= b (bf16 compare: NaN never reaches).
+__device__ __forceinline__ uint32_t ge_mask(uint32_t a, uint32_t b) { return __hge2_mask(as_bf162(a), as_bf162(b)); }
+
+// Per half: mask ? b : a (mask halves are all ones or all zeros).
+__device__ __forceinline__ uint32_t select_halves(uint32_t mask, uint32_t a, uint32_t b) { return (b & mask) | (a & ~mask); }
+
+// Eight words, each holding the nibble of element 2i at bits 0..3 and of element 2i+1 at bits
+// 16..19, packed into 8 bytes: element j at nibble j (e2m1.pack_pairs: low nibble = even element).
+__device__ __forceinline__ uint2 pack_nibble_pairs(const uint32_t (&n)[8]) {
+  uint32_t q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t p = prmt(n[2 * i], n[2 * i + 1], 0x6420);  // bytes: elements 4i .. 4i+3
+    q[i] = p | (p >> 4);  // bytes 0 and 2 now hold element pairs (4i, 4i+1) and (4i+2, 4i+3)
+  }
+  return make_uint2(prmt(q[0], q[1], 0x6420), prmt(q[2], q[3], 0x6420));
+}
+
+// Rounded-up bf16 of a non-negative float cutoff, duplicated in both halves. A bf16 x reaches the
+// float c iff it reaches this bf16 value; a cutoff past the largest finite bf16 (which the
+// reference's Inf -> max clamp can never reach) becomes NaN, which nothing reaches, Inf included.
+__device__ __forceinline__ uint32_t bf16_cutoff_pair(float c) {
+  uint32_t h = (__float_as_uint(c) + 0xFFFFu) >> 16;
+  if (h > 0x7F7Fu) h = 0x7FC0u;
+  return h | (h << 16);
 }
 
 // Runs `launch` with the element type the dtype code names (a host-side generic lambda taking a

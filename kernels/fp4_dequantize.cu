@@ -28,7 +28,73 @@ __global__ void nvfp4_dequantize_kernel(const uint2* __restrict__ packed, const 
   }
 }
 
-// MXFP4: lane v writes the 16-byte output vector v (kPer values) from its kPer/2 packed bytes, so a
+// 16-bit outputs (bf16, fp16): one lane per 8 values. The 8 magnitudes times the step are rounded
+// to the output dtype once per lane (a table of 16-bit values, as low and high bytes in two
+// register pairs); then every 4 codes are 2 byte permutes of the table, an XOR for the signs
+// ((-v)·step is exactly -(v·step)) and 2 permutes that interleave low and high bytes. Measured on
+// the H200 (8192×28672 bf16): 154-157 µs against 182 µs for one thread per 16 values with two
+// strided 16-byte stores, and 250 µs with four such blocks per thread.
+template <typename T>
+__device__ __forceinline__ uint32_t round_pair(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t round_pair<__nv_bfloat16>(float lo, float hi) {
+  return as_u32(__floats2bfloat162_rn(lo, hi));
+}
+
+template <>
+__device__ __forceinline__ uint32_t round_pair<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &v, 4);
+  return r;
+}
+
+// The 8 magnitudes times step, rounded to T: low bytes of 0..3 and 4..7, high bytes likewise.
+struct DecodeTable {
+  uint32_t lo0, lo1, hi0, hi1;
+};
+
+template <typename T>
+__device__ __forceinline__ DecodeTable decode_table(float step) {
+  // e2m1.decode magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, times step in fp32, then rounded once.
+  const uint32_t w0 = round_pair<T>(__fmul_rn(0.0f, step), __fmul_rn(0.5f, step));
+  const uint32_t w1 = round_pair<T>(__fmul_rn(1.0f, step), __fmul_rn(1.5f, step));
+  const uint32_t w2 = round_pair<T>(__fmul_rn(2.0f, step), __fmul_rn(3.0f, step));
+  const uint32_t w3 = round_pair<T>(__fmul_rn(4.0f, step), __fmul_rn(6.0f, step));
+  return {prmt(w0, w1, 0x6420), prmt(w2, w3, 0x6420), prmt(w0, w1, 0x7531), prmt(w2, w3, 0x7531)};
+}
+
+// Codes 0..3 in the low 16 bits of c (one nibble each) -> values 0, 1 in r0 and 2, 3 in r1.
+__device__ __forceinline__ void decode4(const DecodeTable& t, uint32_t c, uint32_t& r0, uint32_t& r1) {
+  const uint32_t magnitude = c & 0x7777u;
+  const uint32_t lo = prmt(t.lo0, t.lo1, magnitude);
+  // A selector nibble with bit 3 set (a negative code) replicates the picked byte's top bit:
+  // 0x80 becomes 0xFF, whose bit 0, moved to bit 7, is the sign.
+  const uint32_t hi = prmt(t.hi0, t.hi1, magnitude) ^ ((prmt(0x80808080u, 0x80808080u, c) << 7) & 0x80808080u);
+  r0 = prmt(lo, hi, 0x5140);
+  r1 = prmt(lo, hi, 0x7362);
+}
+
+// One lane per 8 values (a 16-byte output vector), so that a warp's stores are contiguous; the
+// two (NVFP4) or four (MXFP4) lanes of a scale block each build its table.
+template <typename T, bool kMx>
+__global__ void dequantize8_kernel(const uint32_t* __restrict__ packed, const uint8_t* __restrict__ scale,
+                                   const float* __restrict__ global_scale, long long n8, uint4* __restrict__ out) {
+  const float g = kMx ? 1.0f : global_scale[0];
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long v = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; v < n8; v += stride) {
+    const uint32_t codes = __ldg(packed + v);
+    const float step = kMx ? e8m0_decode(__ldg(scale + (v >> 2))) : __fdiv_rn(fp8_e4m3_decode(__ldg(scale + (v >> 1))), g);
+    const DecodeTable t = decode_table<T>(step);
+    uint4 o;
+    decode4(t, codes, o.x, o.y);
+    decode4(t, codes >> 16, o.z, o.w);
+    out[v] = o;
+  }
+}
+
+// fp32 MXFP4: lane v writes the 16-byte output vector v (kPer values) from its kPer/2 packed bytes, so a
 // warp's loads and stores are contiguous.
 template <typename T>
 __device__ __forceinline__ uint32_t load_codes(const uint8_t* __restrict__ packed, long long v) {
@@ -66,6 +132,13 @@ extern "C" int nvq_nvfp4_dequantize(const unsigned char* packed, const unsigned 
   const int grid = nvq::grid_for(n_blocks, nvq::kDequantThreads);
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      const long long n8 = rows * k / 8;
+      nvq::dequantize8_kernel<T, false><<<nvq::grid_for(n8, nvq::kDequantThreads), nvq::kDequantThreads, 0,
+                                          static_cast<cudaStream_t>(stream)>>>(
+          reinterpret_cast<const uint32_t*>(packed), block_scale, global_scale, n8, static_cast<uint4*>(out));
+      return;
+    }
     nvq::nvfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         reinterpret_cast<const uint2*>(packed), block_scale, global_scale, n_blocks, static_cast<T*>(out));
   });
@@ -79,6 +152,13 @@ extern "C" int nvq_mxfp4_dequantize(const unsigned char* packed, const unsigned 
   if (rows * k == 0) return 0;
   return nvq::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (sizeof(T) == 2) {
+      const long long n8 = rows * k / 8;
+      nvq::dequantize8_kernel<T, true><<<nvq::grid_for(n8, nvq::kDequantThreads), nvq::kDequantThreads, 0,
+                                         static_cast<cudaStream_t>(stream)>>>(
+          reinterpret_cast<const uint32_t*>(packed), scale, nullptr, n8, static_cast<uint4*>(out));
+      return;
+    }
     const long long n_vec = rows * k / nvq::Vec<T>::kPerVec;
     const int grid = nvq::grid_for(n_vec, nvq::kDequantThreads);
     nvq::mxfp4_dequantize_kernel<T><<<grid, nvq::kDequantThreads, 0, static_cast<cudaStream_t>(stream)>>>(

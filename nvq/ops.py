@@ -47,6 +47,10 @@ __all__ = [
     "mxfp4_quantize_packed",
     "nvfp4_dequantize_packed",
     "mxfp4_dequantize_packed",
+    "expert_amax",
+    "nvfp4_quantize_experts",
+    "mxfp4_quantize_experts",
+    "nvfp4_quantize",
     "backend",
     "kernels_available",
     "parse_arch_list",
@@ -71,6 +75,10 @@ OPS = (
     "mxfp4_quantize_packed",
     "nvfp4_dequantize_packed",
     "mxfp4_dequantize_packed",
+    "expert_amax",
+    "nvfp4_quantize_experts",
+    "mxfp4_quantize_experts",
+    "nvfp4_quantize",
 )
 
 # --- building -------------------------------------------------------------------------------
@@ -333,12 +341,16 @@ def _compile(plan: BuildPlan) -> None:
 _PTR, _I64, _INT = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 # Every launcher of the C ABI with its argument types; each returns int (0 or a cudaError_t).
 C_SIGNATURES = {
-    # x, n_elements, dtype, amax, stream
-    "nvq_amax": (_PTR, _I64, _INT, _PTR, _PTR),
-    # amax, dtype, global_scale, stream
-    "nvq_nvfp4_global_scale": (_PTR, _INT, _PTR, _PTR),
-    # x, rows, k, dtype, global_scale, packed, block_scale, stream
-    "nvq_nvfp4_quantize": (_PTR, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR),
+    # x, experts, n_elements (each), dtype, amax [experts] (max-accumulated), stream
+    "nvq_amax": (_PTR, _I64, _I64, _INT, _PTR, _PTR),
+    # amax [n], n, dtype, global_scale [n], stream
+    "nvq_nvfp4_global_scale": (_PTR, _I64, _INT, _PTR, _PTR),
+    # x, experts, rows, k (each expert [rows, k]), dtype, global_scale [experts], cutoff-table scratch
+    # [experts, NVFP4_TABLE_WORDS], packed, block_scale, stream
+    "nvq_nvfp4_quantize": (_PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR),
+    # x, experts, rows, k, dtype, amax [experts] or NULL (then computed), amax scratch [experts],
+    # global_scale out [experts], cutoff-table scratch, packed, block_scale, stream
+    "nvq_nvfp4_quantize_auto": (_PTR, _I64, _I64, _I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR),
     # x, rows, k, dtype, packed, scale, stream
     "nvq_mxfp4_quantize": (_PTR, _I64, _I64, _INT, _PTR, _PTR, _PTR),
     # packed, block_scale, global_scale, rows, k, dtype, out, stream
@@ -346,6 +358,10 @@ C_SIGNATURES = {
     # packed, scale, rows, k, dtype, out, stream
     "nvq_mxfp4_dequantize": (_PTR, _PTR, _I64, _I64, _INT, _PTR, _PTR),
 }
+# Words of the NVFP4 cutoff table per expert: 127 finite non-negative E4M3 bytes × 8 cutoffs.
+NVFP4_TABLE_WORDS = 127 * 8
+# Experts per launch (the grid's y dimension).
+MAX_EXPERTS = 65535
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_ERROR_NAMES = {
     1: "cudaErrorInvalidValue",
@@ -521,7 +537,7 @@ def tensor_amax(w: Tensor) -> Tensor:
         return nvfp4.tensor_amax(x)
     amax = torch.zeros(1, dtype=torch.float32, device=x.device)
     if x.numel():
-        _launch(library, "nvq_amax", x.device, x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], amax.data_ptr())
+        _launch(library, "nvq_amax", x.device, x.data_ptr(), 1, x.numel(), DTYPE_CODES[x.dtype], amax.data_ptr())
     # The amax is one of w's values, so the cast back to w.dtype is exact.
     return amax.to(w.dtype).reshape(())
 
@@ -537,7 +553,7 @@ def nvfp4_global_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
     # The reference first rounds amax to dtype; fp32 holds that value exactly.
     a = amax.reshape(1).to(dtype).float().contiguous()
     g = torch.empty(1, dtype=torch.float32, device=a.device)
-    _launch(library, "nvq_nvfp4_global_scale", a.device, a.data_ptr(), DTYPE_CODES[dtype], g.data_ptr())
+    _launch(library, "nvq_nvfp4_global_scale", a.device, a.data_ptr(), 1, DTYPE_CODES[dtype], g.data_ptr())
     return g
 
 
@@ -560,9 +576,11 @@ def nvfp4_quantize_packed(w: Tensor, global_scale: Tensor) -> tuple[Tensor, Tens
     packed = torch.empty((rows, k // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((rows, k // NVFP4_BLOCK), dtype=torch.uint8, device=x.device)
     if x.numel():
+        table = torch.empty(NVFP4_TABLE_WORDS, dtype=torch.int32, device=x.device)
         _launch(
             library, "nvq_nvfp4_quantize", x.device,
-            x.data_ptr(), rows, k, DTYPE_CODES[x.dtype], g.data_ptr(), packed.data_ptr(), block_scale.data_ptr(),
+            x.data_ptr(), 1, rows, k, DTYPE_CODES[x.dtype], g.data_ptr(), table.data_ptr(), packed.data_ptr(),
+            block_scale.data_ptr(),
         )
     return packed, block_scale.view(torch.float8_e4m3fn)
 
@@ -626,6 +644,120 @@ def mxfp4_dequantize_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype) -
             codes.data_ptr(), scales.data_ptr(), rows, k, DTYPE_CODES[dtype], out.data_ptr(),
         )
     return out
+
+
+# --- MoE expert stacks -----------------------------------------------------------------------
+# A stack [E, N, K] of E experts, each its own tensor: one launch per step for the whole stack
+# instead of one per expert (each `nvq.ops` call costs launches and small torch ops on the host).
+
+
+def _check_experts(w: Tensor, block: int, fmt: str) -> None:
+    _check_float_tensor(w, f"{fmt} expert stack")
+    if w.ndim != 3:
+        raise ValueError(f"{fmt} expert stack must be 3-D [experts, N, K], got shape {tuple(w.shape)}")
+    if w.shape[2] % block:
+        raise ValueError(f"{fmt} needs K % {block} == 0, got K={w.shape[2]}")
+    if w.shape[0] > MAX_EXPERTS:
+        raise ValueError(f"{fmt} expert stack has {w.shape[0]} experts; at most {MAX_EXPERTS} per call")
+
+
+def _reference_expert_amax(x: Tensor) -> Tensor:
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=x.dtype, device=x.device)
+    return torch.stack([nvfp4.tensor_amax(e) for e in x])
+
+
+def expert_amax(w: Tensor) -> Tensor:
+    """[E] max |w[e]| in w.dtype for a stack [E, ...], each like `nvfp4.tensor_amax(w[e])`: one launch.
+
+    For a fusion group of stacks (an expert's gate and up share one global scale), take the
+    elementwise max of their expert_amax and pass it to `nvfp4_quantize_experts(..., amax=)`.
+    """
+    _check_float_tensor(w, "expert_amax input")
+    if w.ndim < 1:
+        raise ValueError("expert_amax takes a stack [E, ...], got a 0-d tensor")
+    x = _kernel_ready(w)
+    experts = x.shape[0]
+    per_expert = x.numel() // experts if experts else 0
+    aligned = experts <= 1 or per_expert % 8 == 0  # every expert starts 16-byte aligned
+    library = _kernels_for("expert_amax", x) if aligned and experts <= MAX_EXPERTS else None
+    if library is None:
+        _last_backend["expert_amax"] = REFERENCE
+        return _reference_expert_amax(x)
+    amax = torch.zeros(experts, dtype=torch.float32, device=x.device)
+    if per_expert:
+        _launch(library, "nvq_amax", x.device, x.data_ptr(), experts, per_expert, DTYPE_CODES[x.dtype], amax.data_ptr())
+    return amax.to(w.dtype)
+
+
+def nvfp4_quantize_experts(w: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed uint8 [E, N, K/2], block_scale float8_e4m3fn [E, N, K/16], global_scale float32 [E]) for
+    a stack [E, N, K]: expert e is `nvfp4.quantize(w[e], global_scale=g[e])` with its own
+    g[e] = `nvfp4.global_scale(amax[e], w.dtype)`, codes packed as `e2m1.pack_pairs`.
+
+    `amax` [E] defaults to each expert's own (`expert_amax`); pass a fusion group's elementwise max
+    to share scales across stacks. On CUDA the whole stack takes 4 launches (amax, global scales,
+    cutoff tables, quantize), whatever E is.
+    """
+    _check_experts(w, NVFP4_BLOCK, "NVFP4")
+    experts, rows, k = w.shape
+    if amax is not None:
+        if not isinstance(amax, Tensor) or not amax.is_floating_point() or amax.numel() != experts:
+            raise ValueError(f"amax must be a float tensor of {experts} elements (one per expert), got {_describe(amax)}")
+    x = _kernel_ready(w)
+    tensors = (x,) if amax is None else (x, amax)
+    library = _kernels_for("nvfp4_quantize_experts", *tensors)
+    if library is None:
+        a = expert_amax(x) if amax is None else amax.reshape(experts)
+        _last_backend["nvfp4_quantize_experts"] = REFERENCE
+        packed, scales, gs = [], [], []
+        for e in range(experts):
+            g = nvfp4.global_scale(a[e], w.dtype)
+            q = nvfp4.quantize(x[e], global_scale=g)
+            packed.append(e2m1.pack_pairs(q.codes))
+            scales.append(q.block_scale)
+            gs.append(g)
+        if not experts:
+            return (torch.empty((0, rows, k // 2), dtype=torch.uint8, device=x.device),
+                    torch.empty((0, rows, k // NVFP4_BLOCK), dtype=torch.float8_e4m3fn, device=x.device),
+                    torch.empty(0, dtype=torch.float32, device=x.device))
+        return torch.stack(packed), torch.stack(scales), torch.cat(gs)
+    # One launcher call: amax (unless given), global scales, cutoff tables, codes.
+    a = None if amax is None else amax.reshape(experts).to(x.dtype).float().contiguous()  # as nvfp4.global_scale
+    scratch = torch.empty(experts * (NVFP4_TABLE_WORDS + 1), dtype=torch.int32, device=x.device)
+    g = torch.empty(experts, dtype=torch.float32, device=x.device)
+    packed = torch.empty((experts, rows, k // 2), dtype=torch.uint8, device=x.device)
+    block_scale = torch.empty((experts, rows, k // NVFP4_BLOCK), dtype=torch.uint8, device=x.device)
+    if experts:
+        table = scratch.data_ptr()
+        _launch(
+            library, "nvq_nvfp4_quantize_auto", x.device,
+            x.data_ptr(), experts, rows, k, DTYPE_CODES[x.dtype], None if a is None else a.data_ptr(),
+            table + experts * NVFP4_TABLE_WORDS * 4, g.data_ptr(), table, packed.data_ptr(), block_scale.data_ptr(),
+        )
+    return packed, block_scale.view(torch.float8_e4m3fn), g
+
+
+def nvfp4_quantize(w: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed uint8 [N, K/2], block_scale float8_e4m3fn [N, K/16], global_scale float32 [1]) of a 2-D
+    weight in one call: `nvfp4_quantize_experts` on a stack of one. Equal to `tensor_amax` ->
+    `nvfp4_global_scale` -> `nvfp4_quantize_packed` (with `amax`, a fusion group's, if given)."""
+    check_weight(w, NVFP4_BLOCK, "NVFP4")
+    if amax is not None:
+        _check_scalar(amax, "amax")
+    packed, block_scale, g = nvfp4_quantize_experts(w.unsqueeze(0), None if amax is None else amax.reshape(1))
+    _last_backend["nvfp4_quantize"] = _last_backend["nvfp4_quantize_experts"]
+    return packed[0], block_scale[0], g
+
+
+def mxfp4_quantize_experts(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed uint8 [E, N, K/2], E8M0 scale uint8 [E, N, K/32]) for a stack [E, N, K]: expert e is
+    `mxfp4.quantize(w[e])`. MXFP4 has no tensor scale, so the stack is one [E·N, K] launch."""
+    _check_experts(w, MXFP4_BLOCK, "MXFP4")
+    experts, rows, k = w.shape
+    packed, scale = mxfp4_quantize_packed(w.reshape(experts * rows, k))
+    _last_backend["mxfp4_quantize_experts"] = _last_backend.get("mxfp4_quantize_packed", REFERENCE)
+    return packed.reshape(experts, rows, k // 2), scale.reshape(experts, rows, k // MXFP4_BLOCK)
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ def assert_nvfp4_equal(w: torch.Tensor, members: list[torch.Tensor] | None = Non
     assert torch.equal(got[2].view(torch.int32), ref[2].view(torch.int32)), "global scale bits differ"
     assert_bytes_equal(got[1], ref[1], "block scales")
     assert_bytes_equal(got[0], ref[0], "packed codes")
+    if members is None:  # the one-call path (amax, global scale, tables, codes from one launcher)
+        packed, scale, g = ops.nvfp4_quantize(w.cuda())
+        assert ops.backend("nvfp4_quantize") == "cuda"
+        assert torch.equal(g.cpu().view(torch.int32), ref[2].view(torch.int32)), "one call: global scale bits differ"
+        assert_bytes_equal(scale.view(torch.uint8).cpu(), ref[1], "one call: block scales")
+        assert_bytes_equal(packed.cpu(), ref[0], "one call: packed codes")
 
 
 def assert_mxfp4_equal(w: torch.Tensor):
@@ -247,3 +253,60 @@ def test_unaligned_views_are_accepted():
     w = view.reshape(64, 64)
     packed, scale = ops.mxfp4_quantize_packed(w)
     assert torch.equal(packed.cpu(), e2m1.pack_pairs(mxfp4.quantize(w.cpu()).codes))
+
+
+def expert_stack(dtype, experts=5, shape=(64, 128)):
+    stds = (1e-4, 0.02, 1.0, 0.3, 0.005)
+    stack = torch.stack([random_weight(shape, dtype, stds[e % len(stds)], seed=100 + e) for e in range(experts)])
+    stack[1, 3, 5] = float("nan")
+    stack[2, 7, 9] = float("inf")
+    stack[3, 0, :16] = 0.0
+    return stack
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_stack_equals_the_reference_per_expert(dtype):
+    stack = expert_stack(dtype)
+    own = torch.stack([nvfp4.tensor_amax(w) for w in stack])
+    amax = ops.expert_amax(stack.cuda())
+    assert ops.backend("expert_amax") == "cuda"
+    assert torch.equal(amax.cpu().view(torch.uint8), own.view(torch.uint8))
+    shared = own.float().amax()
+    for given in (None, shared.expand(len(stack)).cuda()):
+        packed, block_scale, g = ops.nvfp4_quantize_experts(stack.cuda(), amax=given)
+        assert ops.backend("nvfp4_quantize_experts") == "cuda"
+        for e, w in enumerate(stack):
+            g_ref = nvfp4.global_scale(own[e] if given is None else shared, dtype)
+            ref = reference_nvfp4(w, g_ref)
+            assert torch.equal(g[e:e + 1].cpu().view(torch.int32), ref[2].view(torch.int32)), f"expert {e}: g"
+            assert_bytes_equal(block_scale[e].view(torch.uint8).cpu(), ref[1], f"expert {e} block scales")
+            assert_bytes_equal(packed[e].cpu(), ref[0], f"expert {e} codes")
+    mx_packed, mx_scale = ops.mxfp4_quantize_experts(stack.cuda())
+    assert ops.backend("mxfp4_quantize_experts") == "cuda"
+    for e, w in enumerate(stack):
+        q = mxfp4.quantize(w)
+        assert_bytes_equal(mx_scale[e].cpu(), q.scale, f"expert {e} E8M0 scales")
+        assert_bytes_equal(mx_packed[e].cpu(), e2m1.pack_pairs(q.codes), f"expert {e} MXFP4 codes")
+
+
+def test_gemma4_expert_stack_128x704x2816():
+    # Gemma-4 26B-A4B: 128 experts of 704×2816. The batched call equals one ops call per expert
+    # (each byte-checked against the reference above) and, for a few experts, the CPU reference.
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    stack = (torch.randn(128, 704, 2816, generator=gen, device="cuda") * 0.02
+             * torch.linspace(0.1, 10, 128, device="cuda").view(-1, 1, 1)).to(torch.bfloat16)
+    packed, block_scale, g = ops.nvfp4_quantize_experts(stack)
+    assert len(g.unique()) > 64  # per-expert global scales
+    for e in range(128):
+        g_e = ops.nvfp4_global_scale(ops.tensor_amax(stack[e]), stack.dtype)
+        p_e, s_e = ops.nvfp4_quantize_packed(stack[e], g_e)
+        assert torch.equal(g[e:e + 1], g_e), f"expert {e}: global scale"
+        assert torch.equal(block_scale[e].view(torch.uint8), s_e.view(torch.uint8)), f"expert {e}: block scales"
+        assert torch.equal(packed[e], p_e), f"expert {e}: codes"
+    for e in (0, 77, 127):
+        ref = reference_nvfp4(stack[e].cpu(), g[e:e + 1].cpu())
+        assert_bytes_equal(packed[e].cpu(), ref[0], f"expert {e} codes vs CPU reference")
+    mx_packed, mx_scale = ops.mxfp4_quantize_experts(stack)
+    for e in (0, 127):
+        q = mxfp4.quantize(stack[e].cpu())
+        assert_bytes_equal(mx_packed[e].cpu(), e2m1.pack_pairs(q.codes), f"expert {e} MXFP4 codes")

@@ -44,16 +44,23 @@ static inline int nvq_stub_launch(void* p, long long n, void* stream) {
 """
 STUB_QUANTIZE = """\
 #include "fp4.cuh"
-extern "C" int nvq_amax(const void*, long long, int, float* amax, void* stream) {
+extern "C" int nvq_amax(const void*, long long, long long, int, float* amax, void* stream) {
     return nvq_stub_launch(amax, 0, stream);
 }
-extern "C" int nvq_nvfp4_global_scale(const float*, int, float* g, void* stream) {
+extern "C" int nvq_nvfp4_global_scale(const float*, long long, int, float* g, void* stream) {
     return nvq_stub_launch(g, 4, stream);
 }
-extern "C" int nvq_nvfp4_quantize(const void*, long long rows, long long k, int, const float*,
-                                  unsigned char* packed, unsigned char* block_scale, void* stream) {
-    int e = nvq_stub_launch(packed, rows * k / 2, stream);
-    return e ? e : nvq_stub_launch(block_scale, rows * k / 16, stream);
+extern "C" int nvq_nvfp4_quantize(const void*, long long experts, long long rows, long long k, int, const float*,
+                                  unsigned int*, unsigned char* packed, unsigned char* block_scale, void* stream) {
+    int e = nvq_stub_launch(packed, experts * rows * k / 2, stream);
+    return e ? e : nvq_stub_launch(block_scale, experts * rows * k / 16, stream);
+}
+extern "C" int nvq_nvfp4_quantize_auto(const void*, long long experts, long long rows, long long k, int,
+                                       const float*, float*, float* g, unsigned int*, unsigned char* packed,
+                                       unsigned char* block_scale, void* stream) {
+    int e = nvq_stub_launch(packed, experts * rows * k / 2, stream);
+    e = e ? e : nvq_stub_launch(g, experts * 4, stream);
+    return e ? e : nvq_stub_launch(block_scale, experts * rows * k / 16, stream);
 }
 extern "C" int nvq_mxfp4_quantize(const void*, long long rows, long long k, int, unsigned char* packed,
                                   unsigned char* scale, void* stream) {
@@ -294,7 +301,7 @@ def test_a_failing_launch_raises_naming_function_and_cuda_error(stubs, cache):
     library = ops.KernelLibrary(ops.build_library(["9.0"], directory=stubs))
     # No GPU driver here: the stub's launch fails, and its cudaError_t comes back.
     with pytest.raises(RuntimeError, match=r"nvq_nvfp4_global_scale failed with CUDA error \d+ \(cuda"):
-        library.call("nvq_nvfp4_global_scale", None, 0, None, None)
+        library.call("nvq_nvfp4_global_scale", None, 1, 0, None, None)
 
 
 @needs_nvcc
@@ -358,6 +365,32 @@ def bits(t):
     return t.contiguous().view(width)
 
 
+def check_expert_ops(stack):
+    """The expert-stack ops equal the reference applied to each expert, own and shared amax."""
+    own = torch.stack([nvfp4.tensor_amax(w) for w in stack])
+    amax = ops.expert_amax(stack)
+    assert amax.dtype == stack.dtype and amax.shape == (stack.shape[0],) and torch.equal(bits(amax), bits(own))
+    shared = own.float().amax()  # one fusion-group amax (gate and up of every expert, say)
+    for given in (None, shared.expand(stack.shape[0])):
+        packed, block_scale, g = ops.nvfp4_quantize_experts(stack, amax=given)
+        assert packed.shape == (*stack.shape[:2], stack.shape[2] // 2) and g.shape == (stack.shape[0],)
+        assert block_scale.dtype == torch.float8_e4m3fn and g.dtype == torch.float32
+        for e, w in enumerate(stack):
+            g_ref = nvfp4.global_scale(own[e] if given is None else shared, stack.dtype)
+            q = nvfp4.quantize(w, global_scale=g_ref)
+            assert torch.equal(bits(g[e:e + 1]), bits(g_ref)), f"expert {e}: global scale"
+            assert torch.equal(packed[e], e2m1.pack_pairs(q.codes)), f"expert {e}: codes"
+            assert torch.equal(block_scale[e].view(torch.uint8), q.block_scale.view(torch.uint8)), f"expert {e}"
+    packed, block_scale, g = ops.nvfp4_quantize(stack[0])
+    q = nvfp4.quantize(stack[0], global_scale=nvfp4.global_scale(own[0], stack.dtype))
+    assert torch.equal(bits(g), bits(q.global_scale)) and torch.equal(packed, e2m1.pack_pairs(q.codes))
+    assert torch.equal(block_scale.view(torch.uint8), q.block_scale.view(torch.uint8))
+    mx_packed, mx_scale = ops.mxfp4_quantize_experts(stack)
+    for e, w in enumerate(stack):
+        mq = mxfp4.quantize(w)
+        assert torch.equal(mx_packed[e], e2m1.pack_pairs(mq.codes)) and torch.equal(mx_scale[e], mq.scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_tensors_run_the_reference_byte_for_byte(dtype, fresh_loader):
     w = weight(5, 96, dtype, seed=1)
@@ -381,6 +414,7 @@ def test_cpu_tensors_run_the_reference_byte_for_byte(dtype, fresh_loader):
         assert torch.equal(bits(got), bits(nvfp4.dequantize(q, out_dtype)))
         got = ops.mxfp4_dequantize_packed(mx_packed, mx_scale, out_dtype)
         assert torch.equal(bits(got), bits(mxfp4.dequantize(mq, out_dtype)))
+    check_expert_ops(torch.stack([w, weight(5, 96, dtype, seed=9) * 4, weight(5, 96, dtype, seed=10, specials=False)]))
 
     assert all(ops.backend(op) == "reference" for op in ops.OPS)
     assert not fresh_loader.decided  # CPU tensors never try to build the kernels
@@ -419,20 +453,32 @@ class ReferenceABI:
         t = t.contiguous()
         ctypes.memmove(ptr, t.data_ptr(), t.nbytes)
 
-    def nvq_amax(self, x, n_elements, dtype, amax, stream):
-        w = self.read(x, (n_elements,), self.DTYPES[dtype])
-        current = self.read(amax, (1,), torch.float32)
-        self.write(amax, torch.maximum(current, nvfp4.tensor_amax(w).float()))
+    def nvq_amax(self, x, experts, n_elements, dtype, amax, stream):
+        w = self.read(x, (experts, n_elements), self.DTYPES[dtype])
+        current = self.read(amax, (experts,), torch.float32)
+        own = torch.stack([nvfp4.tensor_amax(e).float() for e in w])
+        self.write(amax, torch.maximum(current, own))
 
-    def nvq_nvfp4_global_scale(self, amax, dtype, global_scale, stream):
-        a = self.read(amax, (1,), torch.float32)
-        self.write(global_scale, nvfp4.global_scale(a, self.DTYPES[dtype]))
+    def nvq_nvfp4_global_scale(self, amax, n, dtype, global_scale, stream):
+        a = self.read(amax, (n,), torch.float32)
+        self.write(global_scale, torch.cat([nvfp4.global_scale(v, self.DTYPES[dtype]) for v in a]))
 
-    def nvq_nvfp4_quantize(self, x, rows, k, dtype, global_scale, packed, block_scale, stream):
-        w = self.read(x, (rows, k), self.DTYPES[dtype])
-        q = nvfp4.quantize(w, global_scale=self.read(global_scale, (1,), torch.float32))
-        self.write(packed, e2m1.pack_pairs(q.codes))
-        self.write(block_scale, q.block_scale.view(torch.uint8))
+    def nvq_nvfp4_quantize(self, x, experts, rows, k, dtype, global_scale, table, packed, block_scale, stream):
+        w = self.read(x, (experts, rows, k), self.DTYPES[dtype])
+        g = self.read(global_scale, (experts,), torch.float32)
+        self.read(table, (experts, ops.NVFP4_TABLE_WORDS), torch.int32)  # the scratch must be this large
+        qs = [nvfp4.quantize(w[e], global_scale=g[e:e + 1]) for e in range(experts)]
+        self.write(packed, torch.stack([e2m1.pack_pairs(q.codes) for q in qs]))
+        self.write(block_scale, torch.stack([q.block_scale.view(torch.uint8) for q in qs]))
+
+    def nvq_nvfp4_quantize_auto(self, x, experts, rows, k, dtype, amax, amax_scratch, global_scale, table, packed,
+                                block_scale, stream):
+        if not amax:
+            self.write(amax_scratch, torch.zeros(experts))
+            self.nvq_amax(x, experts, rows * k, dtype, amax_scratch, stream)
+            amax = amax_scratch
+        self.nvq_nvfp4_global_scale(amax, experts, dtype, global_scale, stream)
+        self.nvq_nvfp4_quantize(x, experts, rows, k, dtype, global_scale, table, packed, block_scale, stream)
 
     def nvq_mxfp4_quantize(self, x, rows, k, dtype, packed, scale, stream):
         q = mxfp4.quantize(self.read(x, (rows, k), self.DTYPES[dtype]))
@@ -492,8 +538,21 @@ def test_kernel_branch_marshals_like_the_reference(dtype, emulated_kernels):
         assert got.dtype == out_dtype and torch.equal(bits(got), bits(nvfp4.dequantize(q, out_dtype)))
         got = ops.mxfp4_dequantize_packed(mx_packed, mx_scale, out_dtype)
         assert got.dtype == out_dtype and torch.equal(bits(got), bits(mxfp4.dequantize(mq, out_dtype)))
+    check_expert_ops(torch.stack([weight(6, 96, dtype, seed=s) * (s - 2) for s in (3, 4, 5)]))
     assert all(ops.backend(op) == "cuda" for op in ops.OPS)
     assert set(emulated_kernels.calls) == set(ops.C_SIGNATURES)
+
+
+def test_expert_stacks_empty_and_bad_inputs(fresh_loader):
+    packed, block_scale, g = ops.nvfp4_quantize_experts(torch.ones(0, 4, 32, dtype=torch.bfloat16))
+    assert packed.shape == (0, 4, 16) and block_scale.shape == (0, 4, 2) and g.shape == (0,)
+    assert ops.expert_amax(torch.ones(0, 4, 32)).shape == (0,)
+    with pytest.raises(ValueError, match=r"3-D \[experts, N, K\]"):
+        ops.nvfp4_quantize_experts(torch.ones(4, 32))
+    with pytest.raises(ValueError, match="K % 32 == 0"):
+        ops.mxfp4_quantize_experts(torch.ones(2, 4, 48))
+    with pytest.raises(ValueError, match="one per expert"):
+        ops.nvfp4_quantize_experts(torch.ones(2, 4, 32), amax=torch.ones(3))
 
 
 def test_kernel_branch_skips_empty_tensors(emulated_kernels):
