@@ -317,7 +317,8 @@ def _stream_groups(ckpt: Checkpoint, groups: list[list[Unit]], writer: ShardedWr
     """Every group through the pipeline: reads run ahead on reader threads (into page-locked
     buffers when quantizing on a GPU), the device quantizes, the writer thread writes behind."""
     on_gpu = dev.type == "cuda"
-    work = [_GroupWork(ckpt, g, on_gpu) for g in groups]
+    work = [_ExpertRunWork(ckpt, run, on_gpu) if len(run) > 1 else _GroupWork(ckpt, run[0], on_gpu)
+            for run in _expert_runs(ckpt, groups)]
     reads = (r for w in work for r in w.reads())
     with ChunkReader(reads, pin=on_gpu) as reader, AsyncWriter(writer) as sink:
         for w in work:
@@ -414,6 +415,99 @@ class _GroupWork:
     @staticmethod
     def _submit_packed(sink: AsyncWriter, u: Unit, packed_and_scale: tuple[torch.Tensor, torch.Tensor]) -> None:
         sink.submit([(f"{u.out}.{suffix}", t) for suffix, t in ct.packed_tensors(*packed_and_scale).items()])
+
+
+def _expert_slice(ckpt: Checkpoint, group: list[Unit]) -> tuple[str, int, int] | None:
+    """(source, expert index, rows per expert) when the group is exactly one expert of a 3-D stack
+    in bf16/fp32 (fp16 groups keep the per-group path and its fp32 fallback), its units in row
+    order; else None."""
+    u0 = group[0]
+    info = ckpt.tensors[u0.source]
+    if (u0.scheme is None or len(info.shape) != 3 or u0.dtype == "F16" or u0.rows is None
+            or any(u.source != u0.source or u.rows is None for u in group)):
+        return None
+    per_expert = info.shape[1]
+    first, last = u0.rows[0], group[-1].rows[1]
+    contiguous = all(a.rows[1] == b.rows[0] for a, b in zip(group, group[1:], strict=False))
+    if not contiguous or first % per_expert or last - first != per_expert:
+        return None
+    return u0.source, first // per_expert, per_expert
+
+
+def _expert_runs(ckpt: Checkpoint, groups: list[list[Unit]]) -> list[list[list[Unit]]]:
+    """Groups in order, with consecutive whole-expert groups of one stack (an MoE layer's
+    per-expert gate/up or down) collected into runs that are quantized in batched launches."""
+    runs: list[list[list[Unit]]] = []
+    last = None
+    for g in groups:
+        here = _expert_slice(ckpt, g)
+        if here is not None and last is not None and runs and \
+                (here[0], here[1] - 1, here[2]) == last and g[0].scheme == runs[-1][0][0].scheme:
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+        last = here
+    return runs
+
+
+class _ExpertRunWork:
+    """Consecutive experts of one stack, read a few experts at a time and quantized per batch:
+    one amax and one quantize launch for all of them instead of several per expert. Each expert
+    still gets its own NVFP4 global scale (shared by its gate and up), as a per-group run gives."""
+
+    def __init__(self, ckpt: Checkpoint, groups: list[list[Unit]], on_gpu: bool):
+        self.ckpt, self.groups = ckpt, groups
+        self.info = ckpt.tensors[groups[0][0].source]
+        self.scheme = groups[0][0].scheme
+        self.rows_per_expert = self.info.shape[1]
+        self.first_row = groups[0][0].rows[0]
+        self.host_checks = not on_gpu
+        row_len = self.info.shape[-1]
+        self.batch = max(1, CHUNK_ELEMENTS // (self.rows_per_expert * row_len))
+
+    def _batches(self) -> Iterator[list[list[Unit]]]:
+        for i in range(0, len(self.groups), self.batch):
+            yield self.groups[i:i + self.batch]
+
+    def _rows(self, batch: list[list[Unit]]) -> tuple[int, int]:
+        return batch[0][0].rows[0], batch[-1][-1].rows[1]
+
+    def reads(self) -> Iterator[Read]:
+        u = self.groups[0][0]
+        check = partial(_check_finite_rows, self.info, u) if self.host_checks else None
+        for batch in self._batches():
+            a, b = self._rows(batch)
+            yield Read(self.info, a, b, True, check)
+
+    def run(self, reader: ChunkReader, sink: AsyncWriter, dev: torch.device, tick: Progress,
+            summary: ConvertSummary) -> None:
+        for batch in self._batches():
+            a, b = self._rows(batch)
+            r, chunk = next(reader)
+            assert r.info is self.info and (r.start, r.stop) == (a, b), "reader out of step with its plan"
+            tick(chunk.numel() * chunk.element_size(), self.info.name)
+            x = chunk.to(dev, non_blocking=True)
+            if not self.host_checks:
+                sink.submit([], finite=torch.isfinite(x).all(),
+                            on_nonfinite=partial(_locate_nonfinite, self.ckpt, self.info, batch[0][0], a, b - a))
+            stack = x.reshape(len(batch), self.rows_per_expert, x.shape[-1])
+            if self.scheme == "nvfp4":
+                packed, scale, global_scale = ops.nvfp4_quantize_experts(stack)
+            else:
+                packed, scale = ops.mxfp4_quantize_experts(stack)
+            for e, group in enumerate(batch):
+                base = group[0].rows[0]
+                for u in group:
+                    lo, hi = u.rows[0] - base, u.rows[1] - base
+                    writes = [(f"{u.out}.{suffix}", t[e, lo:hi])
+                              for suffix, t in ct.packed_tensors(packed, scale).items()]
+                    if self.scheme == "nvfp4":
+                        writes.append((f"{u.out}.weight_global_scale", global_scale[e:e + 1]))
+                    sink.submit(writes)
+        _note_backend(summary, _BATCHED_OPS[self.scheme])
+
+
+_BATCHED_OPS = {"nvfp4": "nvfp4_quantize_experts", "mxfp4": "mxfp4_quantize_packed"}
 
 
 _QUANTIZERS = {"nvfp4": ops.nvfp4_quantize_packed, "mxfp4": ops.mxfp4_quantize_packed}
