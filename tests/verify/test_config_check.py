@@ -70,7 +70,6 @@ LLAMA_FAULTS = [
     ("rope_theta_changed", "llama_f32", set_key("rope_parameters/rope_theta", 500000.0), "rope.theta", 500000.0, 10000.0),
     ("rms_norm_eps_changed", "llama_f32", set_key("rms_norm_eps", 1e-3), "rms_norm_eps", 1e-3, 1e-5),
     ("hidden_act_changed", "llama_f32", set_key("hidden_act", "gelu_pytorch_tanh"), "hidden_act", "gelu_pytorch_tanh", "silu"),
-    ("head_dim_changed", "llama_f32", set_key("head_dim", 8), "head_dim", 8, 16),
     # the saved lm_head is then ignored (as transformers does), but the GGUF has its own output.weight
     ("untied_model_declared_tied", "tiny_llama_untied", set_key("tie_word_embeddings", True), "tie_word_embeddings", True, False),
 ]
@@ -82,6 +81,15 @@ def test_llama_config_fault_fails_naming_the_field(bug, model, edit, field, cand
     src = request.getfixturevalue(model)
     cert = assert_fails_naming(tmp_path, src, tiny_gguf(src, "f32"), edit, field, candidate, oracle)
     assert cert["first_divergence"]["field"] == field
+
+
+@pytest.mark.llamacpp
+def test_head_dim_that_contradicts_the_candidates_tensors_is_bad_input(llama_f32, tiny_gguf, tmp_path):
+    # head_dim 8 gives q_proj 32 rows where the candidate has 64: refused (exit 2) before any diff
+    cand = faults.config_edited(llama_f32, tmp_path / "c", set_key("head_dim", 8))
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tiny_gguf(llama_f32, "f32"))])
+    assert result.exit_code == 2, result.output
+    assert "'num_attention_heads × head_dim' gives 32 but tensor 'blk.0.attn_q.weight'" in result.output
 
 
 GEMMA4_FAULTS = [

@@ -134,12 +134,15 @@ def test_faults_helpers_change_only_what_they_say(llama_f32, tmp_path):
 
 
 def test_gemma4_head_dim_of_full_layers_taken_from_sliding_layers(gemma4_moe_f32, tiny_gguf, tmp_path):
+    # The config contradicts the candidate's own q_proj of layer 5 (the only full layer): bad
+    # input, refused before the oracle is read, as convert refuses it.
     cand = faults.full_head_dim_from_sliding(gemma4_moe_f32, tmp_path / "c")
-    cert = verify_fails(cand, tiny_gguf(gemma4_moe_f32, "f32"), tmp_path)
-    fd = cert["first_divergence"]
-    assert (fd["tap"], fd["layer"]) == ("attn_norm-5", 5)  # layer 5 is the only full layer
-    assert "head_dim of layer 5 is 16 in the candidate but 32 in the oracle" in fd["hint"]
-    assert [d["field"] for d in cert["config"]] == ["head_dim"]
+    out = tmp_path / "cert.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tiny_gguf(gemma4_moe_f32, "f32")),
+                                 "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "'num_attention_heads × global_head_dim' gives 64 but tensor 'blk.5.attn_q.weight'" in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("tensor, canonical, tap", [
