@@ -16,7 +16,7 @@ import typer
 
 from nvq import __version__
 from nvq.errors import NvqError
-from nvq.limits import parse_number
+from nvq.limits import parse_float, parse_int
 
 app = typer.Typer(
     add_completion=False,
@@ -73,14 +73,14 @@ RecipeOpt = Annotated[
 ]
 
 
-# Numeric options parse with limits.parse_number and are checked by limits.check_options, so
+# Numeric options parse with limits.parse_int / parse_float and are checked by limits.check_options, so
 # 'nan', 'inf' or 'abc' get the same one-sentence refusal and exit 2 as any other bad value.
 def _int(flag: str, **kw):
-    return typer.Option(flag, parser=parse_number, metavar="N", **kw)
+    return typer.Option(flag, parser=parse_int, metavar="N", **kw)
 
 
 def _float(flag: str, **kw):
-    return typer.Option(flag, parser=parse_number, metavar="X", **kw)
+    return typer.Option(flag, parser=parse_float, metavar="X", **kw)
 
 
 GroupSizeOpt = Annotated[

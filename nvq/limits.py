@@ -31,15 +31,21 @@ MAX_PROMPT_FILE_BYTES = 16 << 20
 MAX_CALIB_FILE_BYTES = 256 << 20
 
 
-def parse_number(text: str) -> int | float | str:
-    """The CLI's parser for numeric options: never fails, so that check_option (run with the
-    other checks) refuses 'nan', 'inf' or 'abc' in one sentence instead of a usage box."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def parse_int(text: str) -> int | str:
+    """The CLI's parser for integer options. It never fails, so that check_option (run with the
+    other checks) refuses 'nan' or '1e9' in one sentence, as typed, instead of a usage box."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_float(text: str) -> float | str:
+    """The CLI's parser for real-valued options; see parse_int."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def check_option(flag: str, value: float | str | None) -> None:
