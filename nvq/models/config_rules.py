@@ -173,6 +173,7 @@ _Q_NAME = "num_attention_heads × {hd}"
 _KV_NAME = "{kv} × {hd}"
 _FFN_NAME = "intermediate_size"
 _PLE_NAME = "hidden_size_per_layer_input"
+_BY_LAYER_TYPE = {_HD_NAME, _Q_NAME, _KV_NAME, "attention_k_eq_v"}
 _PLE_ALL_NAME = "num_hidden_layers × hidden_size_per_layer_input"
 
 
@@ -301,7 +302,7 @@ def check_tensors(where, config: Any, shapes: Mapping[str, tuple[int, ...]]) -> 
                 continue
             state = "is missing" if must else "exists"
             raise ConfigError(f"{where}: field '{field}' is {_show(value(config))} but tensor '{name}' {state}; "
-                              "the config and the weights describe different models.")
+                              f"the config and the weights describe different models.{_layer_type(config, bid, field)}")
     for field, template, dim, expected in SHAPE_RULES:
         for bid in range(layers) if "{bid}" in template else [None]:
             name = template.format(bid=bid)
@@ -311,4 +312,12 @@ def check_tensors(where, config: Any, shapes: Mapping[str, tuple[int, ...]]) -> 
             want = expected(config, bid)
             if want is not None and shape[dim] != want:
                 raise ConfigError(f"{where}: field '{field.format(**_names(config, bid))}' gives {want} but tensor "
-                                  f"'{name}' has shape {list(shape)} (dimension {dim} is {shape[dim]}).")
+                                  f"'{name}' has shape {list(shape)} (dimension {dim} is {shape[dim]})."
+                                  f"{_layer_type(config, bid, field)}")
+
+
+def _layer_type(config: Any, bid: int | None, field: str) -> str:
+    # Gemma-4 attention sizes differ by layer type, so a shifted layer_types shows up here.
+    if bid is None or not isinstance(config.head_dim, tuple) or field not in _BY_LAYER_TYPE:
+        return ""
+    return f" Layer {bid} is {config.layer_types[bid]} in layer_types."

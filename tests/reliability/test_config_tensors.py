@@ -81,6 +81,10 @@ FIELD_CASES = {
     # Gemma4TextConfig's default PLE width is 256: a config that omits it asks for PLE tensors
     "gemma4_ple_default": ("tiny_gemma4_dense", {"hidden_size_per_layer_input": _DROP},
                            "'hidden_size_per_layer_input' is 256 but tensor 'per_layer_token_embd.weight' is missing"),
+    "gemma4_layer_types_shifted": ("tiny_gemma4_moe",
+                                   {"layer_types": ["sliding_attention"] * 4 + ["full_attention"] * 2},
+                                   "tensor 'blk.4.attn_v.weight' exists; the config and the weights describe "
+                                   "different models. Layer 4 is full_attention in layer_types."),
     "gemma4_vocab": ("tiny_gemma4_moe", {"vocab_size": 300}, "'vocab_size' gives 300 but tensor 'token_embd.weight'"),
     "gemma4_hidden": ("tiny_gemma4_moe", {"hidden_size": 128}, "'hidden_size' gives 128 but tensor 'token_embd.weight'"),
     "gemma3_head_dim": ("tiny_gemma3", {"head_dim": 8},

@@ -98,10 +98,19 @@ GEMMA4_FAULTS = [
     ("sliding_rope_theta_from_full_layers", set_key("rope_parameters/sliding_attention/rope_theta", 1e6),
      "rope_sliding.theta", 1e6, 10000.0, None),
     ("hidden_activation_changed", set_key("hidden_activation", "silu"), "hidden_activation", "silu", "gelu_pytorch_tanh", None),
-    ("layer_types_shifted", set_key("layer_types", ["sliding_attention"] * 4 + ["full_attention"] * 2),
-     "layer_types", "full_attention", "sliding_attention", 4),
     ("top_k_experts_changed", set_key("top_k_experts", 1), "top_k_experts", 1, 2, None),
 ]
+
+
+def test_gemma4_layer_types_that_contradict_the_candidates_tensors_are_bad_input(gemma4_moe_f32, tmp_path):
+    # A layer turned full takes the global head dim and k_eq_v, which its own tensors contradict:
+    # refused (exit 2) naming the layer type, before any oracle is read.
+    cand = faults.config_edited(gemma4_moe_f32, tmp_path / "c",
+                                set_key("layer_types", ["sliding_attention"] * 4 + ["full_attention"] * 2))
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tmp_path / "none.gguf")])
+    assert result.exit_code == 2, result.output
+    assert "tensor 'blk.4.attn_v.weight' exists" in result.output
+    assert "Layer 4 is full_attention in layer_types" in result.output
 
 
 @pytest.mark.llamacpp
