@@ -106,15 +106,17 @@ def test_gemma4_ple_layer_scalar_left_at_one_is_local_when_teacher_forced(gemma4
 
 
 def test_k_read_as_the_packed_width(llama_f32, tiny_gguf, tmp_path):
-    # A reader that takes the packed byte width for K gives an [N, K/2] weight: the candidate's
-    # forward cannot run, which is a failed verification naming the tensor, not bad input.
+    # A reader that takes the packed byte width for K gives an [N, K/2] weight, which contradicts
+    # the candidate's own hidden_size: bad input (exit 2) naming the field and the tensor, found
+    # before the oracle is read, as convert finds it.
     cand = tmp_path / "c"
     faults._edit(llama_f32, cand, lambda t, cfg: t.update(
         {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"][:, :32].contiguous()}))
-    cert = verify_fails(cand, tiny_gguf(llama_f32, "f32"), tmp_path)
-    fd = cert["first_divergence"]
-    assert (fd["tap"], fd["tensor"]) == ("ffn_out-0", "blk.0.ffn_up.weight")
-    assert "K read as the packed width" in fd["hint"] and cert["candidate_error"]
+    out = tmp_path / "cert.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tiny_gguf(llama_f32, "f32")), "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "field 'hidden_size' gives 64 but tensor 'blk.0.ffn_up.weight' has shape [128, 32]" in result.output
+    assert not out.exists()
 
 
 def test_missing_norm_tensor(llama_f32, tiny_gguf, tmp_path):
