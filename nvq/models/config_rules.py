@@ -2,9 +2,10 @@
 (FIELD_RULES), then the parsed config against the tensors: which exist (PRESENCE_RULES) and their
 shapes (SHAPE_RULES).
 
-Convert, plan and GGUF → bf16 all pass through `check_fields` (from `for_config`) and
-`check_tensors`, so a config that disagrees with its weights is refused before anything is
-written: transformers would otherwise load random weights for the layers that are missing.
+Convert, plan, GGUF → bf16 and verify (the candidate's own tensors) all pass through
+`check_fields` (from `for_config`) and `check_tensors`, so a config that disagrees with its
+weights is refused before anything is written: transformers would otherwise load random weights
+for the layers that are missing.
 """
 
 from __future__ import annotations
