@@ -32,7 +32,7 @@ FIELD_RULES: dict[str, tuple[str, float, float]] = {
     "intermediate_size": (_INT, 1, 1 << 20),
     "moe_intermediate_size": (_INT, 0, 1 << 20),
     "vocab_size": (_INT, 1, 1 << 24),
-    "vocab_size_per_layer_input": (_INT, 1, 1 << 24),
+    "vocab_size_per_layer_input": (_INT, 0, 1 << 24),
     "num_experts": (_INT, 0, 1 << 14),
     "top_k_experts": (_INT, 0, 1 << 14),
     "num_kv_shared_layers": (_INT, 0, 4096),
@@ -159,13 +159,31 @@ def _times(f: Callable[[Any, int], int | None], k: Callable[[Any], int]) -> Call
     return lambda c, b: None if f(c, b) is None else f(c, b) * k(c)
 
 
-_H = lambda c, b: c.hidden_size  # noqa: E731
-_V = lambda c, b: c.vocab_size  # noqa: E731
-_Q = lambda c, b: c.num_heads * _head_dim(c, b)  # noqa: E731
-_HD = lambda c, b: _head_dim(c, b)  # noqa: E731
-_K_HD = lambda c, b: _head_dim(c, b) if _owns_kv(c, b) else None  # noqa: E731
-_PLE_ROWS = lambda c, b: getattr(c, "vocab_size_per_layer_input", 0) or None  # noqa: E731
-_PLE_ALL = _times(_ple, lambda c: c.num_layers)
+def _hidden(c: Any, b: int | None) -> int:
+    return c.hidden_size
+
+
+def _vocab(c: Any, b: int | None) -> int:
+    return c.vocab_size
+
+
+def _q_rows(c: Any, b: int) -> int:
+    return c.num_heads * _head_dim(c, b)
+
+
+def _k_head_dim(c: Any, b: int) -> int | None:
+    return _head_dim(c, b) if _owns_kv(c, b) else None
+
+
+def _ple_rows(c: Any, b: int | None) -> int | None:
+    return getattr(c, "vocab_size_per_layer_input", 0) or None
+
+
+def _hidden_if_own_kv(c: Any, b: int) -> int | None:
+    return c.hidden_size if _owns_kv(c, b) else None
+
+
+_ple_all = _times(_ple, lambda c: c.num_layers)
 
 # Field names as the user's config.json spells them; Gemma-4 full-attention layers take their
 # head dim and KV heads from the global_* fields (gemma4.md §1.2).
@@ -189,57 +207,57 @@ def _names(c: Any, b: int | None) -> dict[str, str]:
 # when the architecture or layer has no such size). Every rule runs on every layer, so
 # per-layer sizes (Gemma-4 head dims, double-wide MLPs) are all checked.
 SHAPE_RULES: list[tuple[str, str, int, Callable[[Any, int], int | None]]] = [
-    ("vocab_size", "token_embd.weight", 0, _V),
-    ("hidden_size", "token_embd.weight", 1, _H),
-    ("hidden_size", "output_norm.weight", 0, _H),
-    ("vocab_size", "output.weight", 0, _V),
-    ("hidden_size", "output.weight", 1, _H),
-    ("hidden_size", "blk.{bid}.attn_q.weight", 1, _H),
-    (_Q_NAME, "blk.{bid}.attn_q.weight", 0, _Q),
+    ("vocab_size", "token_embd.weight", 0, _vocab),
+    ("hidden_size", "token_embd.weight", 1, _hidden),
+    ("hidden_size", "output_norm.weight", 0, _hidden),
+    ("vocab_size", "output.weight", 0, _vocab),
+    ("hidden_size", "output.weight", 1, _hidden),
+    ("hidden_size", "blk.{bid}.attn_q.weight", 1, _hidden),
+    (_Q_NAME, "blk.{bid}.attn_q.weight", 0, _q_rows),
     (_KV_NAME, "blk.{bid}.attn_k.weight", 0, _kv_rows),
-    ("hidden_size", "blk.{bid}.attn_k.weight", 1, lambda c, b: c.hidden_size if _owns_kv(c, b) else None),
+    ("hidden_size", "blk.{bid}.attn_k.weight", 1, _hidden_if_own_kv),
     (_KV_NAME, "blk.{bid}.attn_v.weight", 0, _kv_rows),
-    ("hidden_size", "blk.{bid}.attn_v.weight", 1, lambda c, b: c.hidden_size if _owns_kv(c, b) else None),
-    ("hidden_size", "blk.{bid}.attn_output.weight", 0, _H),
-    (_Q_NAME, "blk.{bid}.attn_output.weight", 1, _Q),
-    (_Q_NAME, "blk.{bid}.attn_q.bias", 0, _Q),
+    ("hidden_size", "blk.{bid}.attn_v.weight", 1, _hidden_if_own_kv),
+    ("hidden_size", "blk.{bid}.attn_output.weight", 0, _hidden),
+    (_Q_NAME, "blk.{bid}.attn_output.weight", 1, _q_rows),
+    (_Q_NAME, "blk.{bid}.attn_q.bias", 0, _q_rows),
     (_KV_NAME, "blk.{bid}.attn_k.bias", 0, _kv_rows),
     (_KV_NAME, "blk.{bid}.attn_v.bias", 0, _kv_rows),
-    ("hidden_size", "blk.{bid}.attn_output.bias", 0, _H),
-    (_HD_NAME, "blk.{bid}.attn_q_norm.weight", 0, _HD),
-    (_HD_NAME, "blk.{bid}.attn_k_norm.weight", 0, _K_HD),
+    ("hidden_size", "blk.{bid}.attn_output.bias", 0, _hidden),
+    (_HD_NAME, "blk.{bid}.attn_q_norm.weight", 0, _head_dim),
+    (_HD_NAME, "blk.{bid}.attn_k_norm.weight", 0, _k_head_dim),
     (_FFN_NAME, "blk.{bid}.ffn_gate.weight", 0, _ffn),
     (_FFN_NAME, "blk.{bid}.ffn_up.weight", 0, _ffn),
-    ("hidden_size", "blk.{bid}.ffn_down.weight", 0, _H),
-    ("hidden_size", "blk.{bid}.ffn_gate.weight", 1, _H),
-    ("hidden_size", "blk.{bid}.ffn_up.weight", 1, _H),
+    ("hidden_size", "blk.{bid}.ffn_down.weight", 0, _hidden),
+    ("hidden_size", "blk.{bid}.ffn_gate.weight", 1, _hidden),
+    ("hidden_size", "blk.{bid}.ffn_up.weight", 1, _hidden),
     (_FFN_NAME, "blk.{bid}.ffn_down.weight", 1, _ffn),
     (_FFN_NAME, "blk.{bid}.ffn_gate.bias", 0, _ffn),
     (_FFN_NAME, "blk.{bid}.ffn_up.bias", 0, _ffn),
-    ("hidden_size", "blk.{bid}.ffn_down.bias", 0, _H),
-    *[("hidden_size", f"blk.{{bid}}.{n}.weight", 0, _H) for n in (
+    ("hidden_size", "blk.{bid}.ffn_down.bias", 0, _hidden),
+    *[("hidden_size", f"blk.{{bid}}.{n}.weight", 0, _hidden) for n in (
         "attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm", "pre_ffw_norm_2",
         "post_ffw_norm_1", "post_ffw_norm_2", "post_norm")],
     # Gemma-4 MoE: router [E, H] and scale [H], experts [E, 2·Ie, H] and [E, H, Ie], per_expert_scale [E]
     ("num_experts", "blk.{bid}.ffn_gate_inp.weight", 0, _experts),
-    ("hidden_size", "blk.{bid}.ffn_gate_inp.weight", 1, _H),
-    ("hidden_size", "blk.{bid}.ffn_gate_inp.scale", 0, _H),
+    ("hidden_size", "blk.{bid}.ffn_gate_inp.weight", 1, _hidden),
+    ("hidden_size", "blk.{bid}.ffn_gate_inp.scale", 0, _hidden),
     ("num_experts", "blk.{bid}.ffn_down_exps.scale", 0, _experts),
     ("num_experts", "blk.{bid}.ffn_gate_up_exps.weight", 0, _experts),
     ("2 × moe_intermediate_size", "blk.{bid}.ffn_gate_up_exps.weight", 1, _times(_moe, lambda c: 2)),
-    ("hidden_size", "blk.{bid}.ffn_gate_up_exps.weight", 2, _H),
+    ("hidden_size", "blk.{bid}.ffn_gate_up_exps.weight", 2, _hidden),
     ("num_experts", "blk.{bid}.ffn_down_exps.weight", 0, _experts),
-    ("hidden_size", "blk.{bid}.ffn_down_exps.weight", 1, _H),
+    ("hidden_size", "blk.{bid}.ffn_down_exps.weight", 1, _hidden),
     ("moe_intermediate_size", "blk.{bid}.ffn_down_exps.weight", 2, _moe),
     # Gemma-4 per-layer embeddings (PLE): table [Vp, L·P], projection [L·P, H], gate [P, H], proj [H, P]
-    ("vocab_size_per_layer_input", "per_layer_token_embd.weight", 0, _PLE_ROWS),
-    (_PLE_ALL_NAME, "per_layer_token_embd.weight", 1, _PLE_ALL),
-    (_PLE_ALL_NAME, "per_layer_model_proj.weight", 0, _PLE_ALL),
-    ("hidden_size", "per_layer_model_proj.weight", 1, _H),
+    ("vocab_size_per_layer_input", "per_layer_token_embd.weight", 0, _ple_rows),
+    (_PLE_ALL_NAME, "per_layer_token_embd.weight", 1, _ple_all),
+    (_PLE_ALL_NAME, "per_layer_model_proj.weight", 0, _ple_all),
+    ("hidden_size", "per_layer_model_proj.weight", 1, _hidden),
     (_PLE_NAME, "per_layer_proj_norm.weight", 0, _ple),
     (_PLE_NAME, "blk.{bid}.inp_gate.weight", 0, _ple),
-    ("hidden_size", "blk.{bid}.inp_gate.weight", 1, _H),
-    ("hidden_size", "blk.{bid}.proj.weight", 0, _H),
+    ("hidden_size", "blk.{bid}.inp_gate.weight", 1, _hidden),
+    ("hidden_size", "blk.{bid}.proj.weight", 0, _hidden),
     (_PLE_NAME, "blk.{bid}.proj.weight", 1, _ple),
 ]
 
