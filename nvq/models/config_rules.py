@@ -275,7 +275,11 @@ PRESENCE_RULES: list[tuple[str, Callable[[Any], Any], str, Callable[[Any, int], 
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.ffn_gate.weight", lambda c, b: True),
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.ffn_up.weight", lambda c, b: True),
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.ffn_down.weight", lambda c, b: True),
-    ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.attn_k.weight", lambda c, b: _kv_tensor(c, b, True)),
+    ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.attn_k.weight",
+     lambda c, b: None if hasattr(c, "first_kv_shared") else _kv_tensor(c, b, True)),
+    # Gemma-4 KV-shared layers own no K/V; every other layer does
+    ("num_kv_shared_layers", lambda c: c.num_layers - c.first_kv_shared, "blk.{bid}.attn_k.weight",
+     lambda c, b: _kv_tensor(c, b, True) if hasattr(c, "first_kv_shared") else None),
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.attn_v.weight",
      lambda c, b: None if hasattr(c, "has_v_proj") else _kv_tensor(c, b, True)),
     # Gemma-4 k_eq_v full layers have no v_proj (V is the raw K projection): absent there only

@@ -85,6 +85,8 @@ FIELD_CASES = {
                                    {"layer_types": ["sliding_attention"] * 4 + ["full_attention"] * 2},
                                    "tensor 'blk.4.attn_v.weight' exists; the config and the weights describe "
                                    "different models. Layer 4 is full_attention in layer_types."),
+    "gemma4_fewer_kv_shared_layers": ("tiny_gemma4_ple", {"num_kv_shared_layers": 3},
+                                      "'num_kv_shared_layers' is 3 but tensor 'blk.6.attn_k.weight' is missing"),
     "gemma4_vocab": ("tiny_gemma4_moe", {"vocab_size": 300}, "'vocab_size' gives 300 but tensor 'token_embd.weight'"),
     "gemma4_hidden": ("tiny_gemma4_moe", {"hidden_size": 128}, "'hidden_size' gives 128 but tensor 'token_embd.weight'"),
     "gemma3_head_dim": ("tiny_gemma3", {"head_dim": 8},
