@@ -16,6 +16,7 @@ import typer
 
 from nvq import __version__
 from nvq.errors import NvqError
+from nvq.limits import parse_float, parse_int
 
 app = typer.Typer(
     add_completion=False,
@@ -70,14 +71,26 @@ def _root(
 RecipeOpt = Annotated[
     str | None, typer.Option("--recipe", help="Recipe file (YAML) or preset name (see recipes/).")
 ]
+
+
+# Numeric options parse with limits.parse_int / parse_float and are checked by limits.check_options, so
+# 'nan', 'inf' or 'abc' get the same one-sentence refusal and exit 2 as any other bad value.
+def _int(flag: str, **kw):
+    return typer.Option(flag, parser=parse_int, metavar="N", **kw)
+
+
+def _float(flag: str, **kw):
+    return typer.Option(flag, parser=parse_float, metavar="X", **kw)
+
+
 GroupSizeOpt = Annotated[
     int | None,
-    typer.Option("--group-size", help="GPTQ group size (128, 64, 32, or -1 for one group per row). "
+    _int("--group-size", help="GPTQ group size (128, 64, 32, or -1 for one group per row). "
                  "Default 128, or with --tp the largest that aligns."),
 ]
 TPOpt = Annotated[
     int | None,
-    typer.Option("--tp", min=1, help="Check that every row-parallel weight splits into whole groups over N "
+    _int("--tp", help="Check that every row-parallel weight splits into whole groups over N "
                  "tensor-parallel ranks; refuse otherwise."),
 ]
 
@@ -92,16 +105,16 @@ def convert(
     device: Annotated[Device, typer.Option("--device", help="Where to quantize.")] = Device.auto,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an earlier nvq output (config, weights, tokenizer files only).")] = False,
     force_replace_any: Annotated[bool, typer.Option("--force-replace-any", help="Replace OUT whatever it holds (never an input, nor a folder holding one).")] = False,
-    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", min=0.001, help="Largest output shard, in GB.")] = 5.0,
+    max_shard_gb: Annotated[float, _float("--max-shard-gb", help="Largest output shard, in GB.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     method: Annotated[Method | None, typer.Option("--method", help="gptq: calibrated GPTQ (default); rtn: round to nearest, no calibration.")] = None,
     group_size: GroupSizeOpt = None,
     tp_size: TPOpt = None,
-    damp: Annotated[float | None, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01; raised automatically when needed).")] = None,
+    damp: Annotated[float | None, _float("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01; raised automatically when needed).")] = None,
     act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="Solve columns in descending Hessian order, with static groups (default on).")] = None,
     calib_file: Annotated[Path | None, typer.Option("--calib-file", help="UTF-8 text to calibrate on instead of the embedded public-domain corpus.")] = None,
-    calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help="Calibration sequences (default 128).")] = None,
-    calib_seq_len: Annotated[int | None, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration sequence (default 2048).")] = None,
+    calib_samples: Annotated[int | None, _int("--calib-samples", help="Calibration sequences (default 128).")] = None,
+    calib_seq_len: Annotated[int | None, _int("--calib-seq-len", help="Tokens per calibration sequence (default 2048).")] = None,
 ) -> None:
     """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
     from nvq import dist, limits, report
@@ -116,7 +129,8 @@ def convert(
     interactive = sys.stderr.isatty() and world.is_main  # under torchrun, rank 0 speaks for all
 
     def job():
-        limits.check_option("--max-shard-gb", max_shard_gb)
+        limits.check_options({"--max-shard-gb": max_shard_gb, "--group-size": group_size, "--tp": tp_size,
+                              "--damp": damp, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len})
         gptq = GPTQSettings(**given) if given else None
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
                 report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
@@ -145,10 +159,14 @@ def plan(
     tp_size: TPOpt = None,
 ) -> None:
     """Show the per-tensor plan (quantize / keep / fusion group / drop) without writing anything."""
-    from nvq import report
+    from nvq import limits, report
     from nvq.quant.pipeline import plan_convert
 
-    p = _guard(lambda: plan_convert(src, scheme.value, recipe, group_size, tp_size))
+    def job():
+        limits.check_options({"--group-size": group_size, "--tp": tp_size})
+        return plan_convert(src, scheme.value, recipe, group_size, tp_size)
+
+    p = _guard(job)
     if as_json:
         typer.echo(json.dumps(report.plan_dict(p), indent=2))
     else:
@@ -183,22 +201,24 @@ def verify(
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one testcase per tap and weight) to this file.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Verify on this text instead of the built-in prompts.")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Verify on the text of this file.")] = None,
-    tokens: Annotated[int | None, typer.Option("--tokens", min=2, help="Verify on N deterministic pseudo-random token ids (no tokenizer needed).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Cap on the tokens taken from the prompts.")] = 128,
-    sequences: Annotated[int, typer.Option("--sequences", min=1, help="Split the --tokens ids into this many sequences.")] = 1,
+    tokens: Annotated[int | None, _int("--tokens", help="Verify on N deterministic pseudo-random token ids (no tokenizer needed).")] = None,
+    max_tokens: Annotated[int, _int("--max-tokens", help="Cap on the tokens taken from the prompts.")] = 128,
+    sequences: Annotated[int, _int("--sequences", help="Split the --tokens ids into this many sequences.")] = 1,
     device: Annotated[Device, typer.Option("--device", help="Where the reference forwards run.")] = Device.auto,
     recipe: RecipeOpt = None,
-    factor: Annotated[float | None, typer.Option("--factor", min=1.0, help="Set the weight, tap and KLD factors at once: candidate error allowed as a multiple of the expected error (defaults 1.25, 2.5, 2).")] = None,
-    draws: Annotated[int, typer.Option("--draws", min=1, max=16, help="Expected-noise draws against a lossy oracle (each one more forward).")] = 2,
+    factor: Annotated[float | None, _float("--factor", help="Set the weight, tap and KLD factors at once: candidate error allowed as a multiple of the expected error (defaults 1.25, 2.5, 2).")] = None,
+    draws: Annotated[int, _int("--draws", help="Expected-noise draws against a lossy oracle (each one more forward).")] = 2,
     teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
     fp64: Annotated[bool, typer.Option("--fp64", help="Run the reference forwards in float64 instead of float32.")] = False,
     serve_as: Annotated[ServeAs, typer.Option("--serve-as", help="Run the candidate as this engine serves it: checkpoint (its own arithmetic), vllm (GPTQ scales in the model dtype), vllm-sm100 (and MXFP4 inputs quantized, Blackwell).")] = ServeAs.checkpoint,
 ) -> None:
     """Certify a checkpoint layer by layer against a GGUF oracle; exit 0 pass, 1 fail, 2 bad input."""
-    from nvq import report
+    from nvq import limits, report
     from nvq.verify.run import load_thresholds, run
 
     def job():
+        limits.check_options({"--tokens": tokens, "--max-tokens": max_tokens, "--sequences": sequences,
+                              "--factor": factor, "--draws": draws})
         with report.stage_progress(enabled=sys.stderr.isatty()) as progress:
             return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
                        n_tokens=tokens, max_tokens=max_tokens, device=device.value,

@@ -9,17 +9,20 @@ from pathlib import Path
 
 from nvq.errors import ConfigError
 
-# option → (smallest, largest) accepted value. The caps sit far above any real run: 64 Ki
+_INT, _FLOAT = "an integer", "a finite number"
+# option → (kind, smallest, largest) accepted value. The caps sit far above any real run: 64 Ki
 # calibration windows of 128 Ki tokens, or 1 Mi verify tokens, already cost hours.
-OPTION_RANGES: dict[str, tuple[float, float]] = {
-    "--calib-samples": (1, 65536),
-    "--calib-seq-len": (2, 131072),
-    "--tokens": (2, 1 << 20),
-    "--max-tokens": (2, 1 << 20),
-    "--sequences": (1, 1 << 20),
-    "--factor": (1.0, 1e6),
-    "--damp": (0.0, 1e3),
-    "--max-shard-gb": (0.001, 1e6),
+OPTION_RANGES: dict[str, tuple[str, float, float]] = {
+    "--calib-samples": (_INT, 1, 65536),
+    "--calib-seq-len": (_INT, 2, 131072),
+    "--tokens": (_INT, 2, 1 << 20),
+    "--max-tokens": (_INT, 2, 1 << 20),
+    "--sequences": (_INT, 1, 1 << 20),
+    "--draws": (_INT, 1, 16),
+    "--tp": (_INT, 1, 4096),
+    "--factor": (_FLOAT, 1.0, 1e6),
+    "--damp": (_FLOAT, 0.0, 1e3),
+    "--max-shard-gb": (_FLOAT, 0.001, 1e6),
 }
 
 # A prompt file is text read whole into memory; 16 MiB is thousands of times any prompt.
@@ -28,18 +31,47 @@ MAX_PROMPT_FILE_BYTES = 16 << 20
 MAX_CALIB_FILE_BYTES = 256 << 20
 
 
-def check_option(flag: str, value: float | None) -> None:
-    """Refuse a value outside OPTION_RANGES[flag], or not finite; None means 'not given'."""
+def parse_int(text: str) -> int | str:
+    """The CLI's parser for integer options. It never fails, so that check_option (run with the
+    other checks) refuses 'nan' or '1e9' in one sentence, as typed, instead of a usage box."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_float(text: str) -> float | str:
+    """The CLI's parser for real-valued options; see parse_int."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def check_option(flag: str, value: float | str | None) -> None:
+    """Refuse a value outside OPTION_RANGES[flag], not finite, or not of its kind; None means
+    'not given'."""
     if value is None:
         return
-    low, high = OPTION_RANGES[flag]
-    if not math.isfinite(value) or not low <= value <= high:
-        raise ConfigError(f"{flag} {value}: must be a finite number from {low:g} to {high:g}.")
+    kind, low, high = OPTION_RANGES[flag]
+    number = isinstance(value, int if kind is _INT else (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{flag} {value}: must be {kind} from {low:g} to {high:g}.")
 
 
-def check_group_size(value: int | None) -> None:
+def check_options(values: dict[str, float | str | None]) -> None:
+    """check_option for every {flag: value} (--group-size has its own rule)."""
+    for flag, value in values.items():
+        if flag == "--group-size":
+            check_group_size(value)
+        else:
+            check_option(flag, value)
+
+
+def check_group_size(value: int | str | None) -> None:
     """GPTQ groups: a positive size, or -1 for one group per row. 0 used to mean 'default'."""
-    if value is not None and value != -1 and not 0 < value <= 1 << 20:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or (value != -1 and not 0 < value <= 1 << 20)):
         raise ConfigError(f"--group-size {value}: must be a positive group size (e.g. 128, 64, 32) "
                           "or -1 for one group per row.")
 

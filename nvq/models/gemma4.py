@@ -86,6 +86,7 @@ class Gemma4Config:
     moe_intermediate_size: int
     # Fields the reference forward needs (defaults: transformers 5.23's Gemma4TextConfig).
     vocab_size: int = 262144
+    vocab_size_per_layer_input: int = 0  # rows of the PLE table; 0 when there is no PLE
     rms_norm_eps: float = 1e-6
     sliding_window: int = 512
     rope_sliding: L.RopeSpec = L.RopeSpec.from_hf(DEFAULT_ROPE[SLIDING], 10000.0)
@@ -153,6 +154,8 @@ def parse_config(cfg: HFConfig) -> Gemma4Config:
     moe = bool(cfg.get("enable_moe_block", False) or cfg.get("use_second_mlp_block", False))
 
     full = [t == FULL for t in layer_types]
+    # gemma4's default is 256, not 0: read it explicitly (gemma4.md §1.2).
+    ple = int(cfg.get("hidden_size_per_layer_input", defaults["hidden_size_per_layer_input"]) or 0)
     rope = cfg.get("rope_parameters") or {}
     softcap = cfg.get("final_logit_softcapping")
     return Gemma4Config(
@@ -166,12 +169,12 @@ def parse_config(cfg: HFConfig) -> Gemma4Config:
         has_v_proj=tuple(not (f and k_eq_v) for f in full),
         mlp_width=tuple(intermediate * (2 if double_wide and i >= first_shared else 1) for i in range(n_layers)),
         first_kv_shared=first_shared,
-        # gemma4's default is 256, not 0: read it explicitly (gemma4.md §1.2).
-        per_layer_input_size=int(cfg.get("hidden_size_per_layer_input", defaults["hidden_size_per_layer_input"]) or 0),
+        per_layer_input_size=ple,
         num_experts=int(cfg.get("num_experts", 0) or 0) if moe else 0,
         top_k_experts=int(cfg.get("top_k_experts", 0) or 0) if moe else 0,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0) if moe else 0,
         vocab_size=int(cfg.get("vocab_size", 262144)),
+        vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262144) or 0) if ple else 0,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         sliding_window=int(cfg.get("sliding_window", defaults["sliding_window"])),
         rope_sliding=L.RopeSpec.from_hf(rope.get(SLIDING) or DEFAULT_ROPE[SLIDING], 10000.0),

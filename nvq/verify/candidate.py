@@ -34,10 +34,10 @@ import torch
 from nvq import ops
 from nvq.errors import CheckpointError
 from nvq.formats import e2m1, nvfp4
-from nvq.formats.constants import INT4_SYM_ZERO
+from nvq.formats.constants import GPTQ_PACK, INT4_SYM_ZERO
 from nvq.io.hf import Checkpoint, HFConfig, load_config
 from nvq.layouts import gptq as gptq_layout
-from nvq.models import Architecture, for_config
+from nvq.models import Architecture, config_rules, for_config
 from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
 from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
@@ -119,6 +119,8 @@ class Codec:
     # (module, tensors) → ModuleRead, for formats whose tensors say more than the weight (GPTQ)
     read: Callable[[str, dict[str, torch.Tensor]], ModuleRead] | None = None
     findings: tuple[ClientFinding, ...] = ()  # about the whole checkpoint, from its config
+    # {suffix: stored shape} → the dense [N, K] shape, from the headers alone
+    shape: Callable[[dict[str, tuple[int, ...]]], tuple[int, int]] | None = None
 
     def read_module(self, module: str, tensors: dict[str, torch.Tensor]) -> ModuleRead:
         return self.read(module, tensors) if self.read else ModuleRead(self.decode(tensors))
@@ -144,12 +146,19 @@ def _modelopt_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return nvfp4.dequantize(q, torch.float32)
 
 
+def _pairs_shape(part: str) -> Callable[[dict[str, tuple[int, ...]]], tuple[int, int]]:
+    # FP4 codes packed two to a byte along K: [N, K/2]
+    return lambda s: (s[part][0], 2 * s[part][1])
+
+
 CT_CODECS = {
     "nvfp4-pack-quantized": Codec(
-        Scheme("nvfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale", "weight_global_scale"), _ct_nvfp4
+        Scheme("nvfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale", "weight_global_scale"), _ct_nvfp4,
+        shape=_pairs_shape("weight_packed"),
     ),
     "mxfp4-pack-quantized": Codec(
-        Scheme("mxfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale"), _ct_mxfp4
+        Scheme("mxfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale"), _ct_mxfp4,
+        shape=_pairs_shape("weight_packed"),
     ),
 }
 MODELOPT_NVFP4 = Codec(
@@ -158,6 +167,7 @@ MODELOPT_NVFP4 = Codec(
     ("weight", "weight_scale", "weight_scale_2"),
     _modelopt_nvfp4,
     optional=("input_scale",),
+    shape=_pairs_shape("weight"),
 )
 
 
@@ -219,7 +229,8 @@ def _gptq_codec(qc: dict, path: Path, serving: Serving = SERVINGS[DEFAULT_SERVIN
                                         "sym false: vLLM 0.33 loads only symmetric GPTQ"))
     # -1: one group per row; the expected-noise model then uses the whole row as the group
     return Codec(Scheme("gptq", SCALE_PROFILES.get(served), 1, group), "qweight", ("qweight", "qzeros", "scales"),
-                 lambda t: read("", t).weight, optional=("g_idx",), read=read, findings=tuple(config_findings))
+                 lambda t: read("", t).weight, optional=("g_idx",), read=read, findings=tuple(config_findings),
+                 shape=lambda s: (s["qweight"][1], GPTQ_PACK * s["qweight"][0]))  # qweight [K/8, N]
 
 
 def _gptq_module_findings(tensor: str, m: gptq_layout.GPTQModule, w: torch.Tensor, fmt: str, sym: bool,
@@ -358,6 +369,19 @@ class Layout:
             return self.ckpt.read(src.name).to(self.device).float()
         return self.read_module(src).weight
 
+    def shape(self, src: Source) -> tuple[int, ...] | None:
+        """The dense shape `read(src)` gives, from the headers alone (None: the codec cannot say)."""
+        if src.experts:
+            leaves = [self.shape(leaf) for leaf in src.experts[0]]
+            if any(s is None for s in leaves):
+                return None
+            return (len(src.experts), sum(s[0] for s in leaves), *leaves[0][1:])
+        if src.module is None:
+            return tuple(self.ckpt.tensors[src.name].shape)
+        if self.codec.shape is None:
+            return None
+        return self.codec.shape({p: tuple(self.ckpt.tensors[f"{src.module}.{p}"].shape) for p in self.codec.parts})
+
     def read_module(self, src: Source) -> ModuleRead:
         """A quantized leaf decoded, with its groups and client findings (GPTQ)."""
         names = self.ckpt.tensors
@@ -413,7 +437,11 @@ def open_layout(path: str | Path, serving: Serving = SERVINGS[DEFAULT_SERVING]) 
     hf = _hf_sources(ckpt, codec)
     names = canonical_names(ckpt, arch, hf)
     fmt = "dense" if codec is None else f"{key} {codec.scheme.name}"
-    return Layout(ckpt, arch, codec, fmt, {c: hf[s] for s, c in names.items()})
+    lay = Layout(ckpt, arch, codec, fmt, {c: hf[s] for s, c in names.items()})
+    # as convert does: a config that disagrees with the weights is bad input, not a failed verification
+    shapes = {c: lay.shape(src) for c, src in lay.sources.items()}
+    config_rules.check_tensors(ckpt.path, arch.config, {c: s for c, s in shapes.items() if s is not None})
+    return lay
 
 
 def load_candidate(path: str | Path) -> Candidate:

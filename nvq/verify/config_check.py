@@ -109,6 +109,7 @@ SOURCES: dict[str, dict[str, Source]] = {
         "mlp_width": meta("feed_forward_length"),
         "first_kv_shared": meta("attention.shared_kv_layers"),
         "per_layer_input_size": meta("embedding_length_per_layer_input"),
+        "vocab_size_per_layer_input": TENSORS,  # per_layer_token_embd rows
         "num_experts": optional("expert_count"),
         "top_k_experts": optional("expert_used_count"),
         "moe_intermediate_size": optional("expert_feed_forward_length"),

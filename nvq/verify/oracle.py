@@ -42,7 +42,7 @@ TOKEN_SEED = 0  # --tokens N draws from torch.Generator().manual_seed(TOKEN_SEED
 STRUCTURAL_FIELDS = frozenset({
     "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
     "mlp_width", "has_v_proj", "first_kv_shared", "per_layer_input_size", "num_experts",
-    "moe_intermediate_size", "vocab_size",
+    "moe_intermediate_size", "vocab_size", "vocab_size_per_layer_input",
 })
 
 

@@ -179,14 +179,9 @@ def test_presets_load():
 def test_input_dim_not_multiple_of_group_is_refused(tmp_path, tiny_llama):
     import shutil
 
-    import torch
-    from safetensors.torch import load_file, save_file
+    from tests.support.checkpoints import with_mlp_width
 
-    src = tmp_path / "odd"
-    shutil.copytree(tiny_llama, src)
-    tensors = load_file(src / "model.safetensors")
-    tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 120, dtype=torch.bfloat16)
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    src = with_mlp_width(shutil.copytree(tiny_llama, tmp_path / "odd"), 120)
     with pytest.raises(TensorError, match=r"model.layers.0.mlp.down_proj.weight: input dimension 120.*group size 16"):
         plan_of(src)
     assert plan_of(src, "mxfp4", parse_recipe("rules:\n  - match: '.*ffn_down.*'\n    scheme: null\n", "t"))

@@ -65,16 +65,12 @@ def small_gguf(tmp_path):
     return path
 
 
-def refused(*args, out=None, match: str = "", usage: bool = False) -> str:
-    """Run `nvq ARGS`; assert exit 2, a single 'error: ...' line naming `match`, no output dir.
-    usage=True: the option parser itself refuses (its own 'Invalid value' box, still exit 2)."""
+def refused(*args, out=None, match: str = "") -> str:
+    """Run `nvq ARGS`; assert exit 2, a single 'error: ...' line naming `match`, no output dir."""
     result = runner.invoke(app, [str(a) for a in args])
     text = result.output
     assert result.exit_code == 2, text
     assert "Traceback" not in text, text
-    if usage:
-        assert "Invalid value" in text and match in text, text
-        return text
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), text
     assert match in lines[0], text

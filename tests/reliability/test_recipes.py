@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import refused
+from nvq.errors import RecipeError
+from nvq.quant.safe_regex import compile_pattern
+from tests.reliability.conftest import nvq, refused
 
 ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
     f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
@@ -63,3 +65,34 @@ def test_shipped_presets_still_load():
 
     for name in presets():
         load_recipe(name)
+
+
+# The regex rule refuses repeats whose iterations can split one name in several ways, and only those.
+CATASTROPHIC = ["(.+)+X", "(a|a)*b", "(a*)*", "(a|aa)*X", r"(\w+\s?)+$", "((ab)+)+", "(a?a)+", "(x+x+)+y",
+                "(a|b|ab)*c", "(?:a|)+", "(a{1,2})+", r"(.*a){5}"]
+HARMLESS = ["(q|k)+", "(gate|up)_proj+", r"(\.\d+)+", r"(\w+\.)+", r"blk\.\d+\.(attn_(q|k|v)|ffn_(gate|up))\.weight",
+            "((gate|up)_proj)+", "(ffn_(gate|up))+", "(a+b)+", "(ab|ac)*", "(a|ab)*", r"(\w+\s)+", "(a?b)+",
+            "(a{3})+", r"(?i)(Q|K)+", r"model\.layers\.[0-9]+\..*"]
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_catastrophic_regex_refused(pattern):
+    with pytest.raises(RecipeError, match="exponential time"):
+        compile_pattern(pattern, "rule 1")
+
+
+@pytest.mark.parametrize("pattern", HARMLESS)
+def test_harmless_regex_accepted_and_fast(pattern):
+    compiled = compile_pattern(pattern, "rule 1")
+    started = time.perf_counter()
+    for name in ("a" * 300 + "!", "ab" * 150 + "!", "a " * 150 + "!", ".1" * 150 + "!", "q" * 300 + "!"):
+        compiled.search(name)
+    assert time.perf_counter() - started < 1
+
+
+def test_harmless_regex_through_convert_plan(llama_copy, tmp_path):
+    # `(gate|up)_proj+` used to be refused as a nested repeat
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rules:\n  - match: '(gate|up)_proj+'\n    scheme: null\n  - match: '(q|k)+_proj'\n    scheme: null\n")
+    result = nvq("plan", llama_copy, "--scheme", "nvfp4", "--recipe", recipe)
+    assert result.exit_code == 0, result.output

@@ -52,3 +52,19 @@ def as_llamacpp_convertible(src: Path, dst: Path) -> Path:
     text.setdefault("moe_intermediate_size", None)
     path.write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def with_mlp_width(d: Path, width: int) -> Path:
+    """The Llama checkpoint in `d`, edited in place to an MLP `width` wide in every layer, config
+    included (the config must keep agreeing with the tensors, or convert refuses it first)."""
+    tensors = load_file(d / "model.safetensors")
+    for name in list(tensors):
+        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            tensors[name] = tensors[name][:width].contiguous()
+        elif name.endswith("mlp.down_proj.weight"):
+            tensors[name] = tensors[name][:, :width].contiguous()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = width
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

@@ -70,7 +70,6 @@ LLAMA_FAULTS = [
     ("rope_theta_changed", "llama_f32", set_key("rope_parameters/rope_theta", 500000.0), "rope.theta", 500000.0, 10000.0),
     ("rms_norm_eps_changed", "llama_f32", set_key("rms_norm_eps", 1e-3), "rms_norm_eps", 1e-3, 1e-5),
     ("hidden_act_changed", "llama_f32", set_key("hidden_act", "gelu_pytorch_tanh"), "hidden_act", "gelu_pytorch_tanh", "silu"),
-    ("head_dim_changed", "llama_f32", set_key("head_dim", 8), "head_dim", 8, 16),
     # the saved lm_head is then ignored (as transformers does), but the GGUF has its own output.weight
     ("untied_model_declared_tied", "tiny_llama_untied", set_key("tie_word_embeddings", True), "tie_word_embeddings", True, False),
 ]
@@ -84,16 +83,34 @@ def test_llama_config_fault_fails_naming_the_field(bug, model, edit, field, cand
     assert cert["first_divergence"]["field"] == field
 
 
+@pytest.mark.llamacpp
+def test_head_dim_that_contradicts_the_candidates_tensors_is_bad_input(llama_f32, tiny_gguf, tmp_path):
+    # head_dim 8 gives q_proj 32 rows where the candidate has 64: refused (exit 2) before any diff
+    cand = faults.config_edited(llama_f32, tmp_path / "c", set_key("head_dim", 8))
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tiny_gguf(llama_f32, "f32"))])
+    assert result.exit_code == 2, result.output
+    assert "'num_attention_heads × head_dim' gives 32 but tensor 'blk.0.attn_q.weight'" in result.output
+
+
 GEMMA4_FAULTS = [
     ("sliding_window_changed", set_key("sliding_window", 4), "sliding_window", 4, 8, None),
     ("final_logit_softcapping_dropped", set_key("final_logit_softcapping", None), "final_logit_softcapping", None, 30.0, None),
     ("sliding_rope_theta_from_full_layers", set_key("rope_parameters/sliding_attention/rope_theta", 1e6),
      "rope_sliding.theta", 1e6, 10000.0, None),
     ("hidden_activation_changed", set_key("hidden_activation", "silu"), "hidden_activation", "silu", "gelu_pytorch_tanh", None),
-    ("layer_types_shifted", set_key("layer_types", ["sliding_attention"] * 4 + ["full_attention"] * 2),
-     "layer_types", "full_attention", "sliding_attention", 4),
     ("top_k_experts_changed", set_key("top_k_experts", 1), "top_k_experts", 1, 2, None),
 ]
+
+
+def test_gemma4_layer_types_that_contradict_the_candidates_tensors_are_bad_input(gemma4_moe_f32, tmp_path):
+    # A layer turned full takes the global head dim and k_eq_v, which its own tensors contradict:
+    # refused (exit 2) naming the layer type, before any oracle is read.
+    cand = faults.config_edited(gemma4_moe_f32, tmp_path / "c",
+                                set_key("layer_types", ["sliding_attention"] * 4 + ["full_attention"] * 2))
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tmp_path / "none.gguf")])
+    assert result.exit_code == 2, result.output
+    assert "tensor 'blk.4.attn_v.weight' exists" in result.output
+    assert "Layer 4 is full_attention in layer_types" in result.output
 
 
 @pytest.mark.llamacpp

@@ -106,15 +106,17 @@ def test_gemma4_ple_layer_scalar_left_at_one_is_local_when_teacher_forced(gemma4
 
 
 def test_k_read_as_the_packed_width(llama_f32, tiny_gguf, tmp_path):
-    # A reader that takes the packed byte width for K gives an [N, K/2] weight: the candidate's
-    # forward cannot run, which is a failed verification naming the tensor, not bad input.
+    # A reader that takes the packed byte width for K gives an [N, K/2] weight, which contradicts
+    # the candidate's own hidden_size: bad input (exit 2) naming the field and the tensor, found
+    # before the oracle is read, as convert finds it.
     cand = tmp_path / "c"
     faults._edit(llama_f32, cand, lambda t, cfg: t.update(
         {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"][:, :32].contiguous()}))
-    cert = verify_fails(cand, tiny_gguf(llama_f32, "f32"), tmp_path)
-    fd = cert["first_divergence"]
-    assert (fd["tap"], fd["tensor"]) == ("ffn_out-0", "blk.0.ffn_up.weight")
-    assert "K read as the packed width" in fd["hint"] and cert["candidate_error"]
+    out = tmp_path / "cert.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tiny_gguf(llama_f32, "f32")), "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "field 'hidden_size' gives 64 but tensor 'blk.0.ffn_up.weight' has shape [128, 32]" in result.output
+    assert not out.exists()
 
 
 def test_missing_norm_tensor(llama_f32, tiny_gguf, tmp_path):
@@ -134,12 +136,15 @@ def test_faults_helpers_change_only_what_they_say(llama_f32, tmp_path):
 
 
 def test_gemma4_head_dim_of_full_layers_taken_from_sliding_layers(gemma4_moe_f32, tiny_gguf, tmp_path):
+    # The config contradicts the candidate's own q_proj of layer 5 (the only full layer): bad
+    # input, refused before the oracle is read, as convert refuses it.
     cand = faults.full_head_dim_from_sliding(gemma4_moe_f32, tmp_path / "c")
-    cert = verify_fails(cand, tiny_gguf(gemma4_moe_f32, "f32"), tmp_path)
-    fd = cert["first_divergence"]
-    assert (fd["tap"], fd["layer"]) == ("attn_norm-5", 5)  # layer 5 is the only full layer
-    assert "head_dim of layer 5 is 16 in the candidate but 32 in the oracle" in fd["hint"]
-    assert [d["field"] for d in cert["config"]] == ["head_dim"]
+    out = tmp_path / "cert.json"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(tiny_gguf(gemma4_moe_f32, "f32")),
+                                 "--json", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "'num_attention_heads × global_head_dim' gives 64 but tensor 'blk.5.attn_q.weight'" in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("tensor, canonical, tap", [
