@@ -33,7 +33,7 @@ GROUP_CACHE_BYTES = 512 << 20  # groups up to this size are read once, larger on
 DEFAULT_SHARD_BYTES = 5 * 10**9
 FP16_MAX = 65504.0
 # ops.backend() names -> how the summary names them.
-BACKEND_NAMES = {"cuda": "kernels", "reference": "reference"}
+BACKEND_NAMES = {"cuda": "kernels", "cpu": "native", "reference": "reference"}
 
 Progress = Callable[[int, str], None]  # (bytes of source read, current tensor)
 
@@ -54,7 +54,7 @@ class ConvertSummary:
     fp32_groups: list[str] = field(default_factory=list)  # fp16 groups quantized in fp32 (see below)
     warnings: list[str] = field(default_factory=list)
     serving_notes: list[str] = field(default_factory=list)  # where engines serve it differently
-    backends: list[str] = field(default_factory=list)  # what quantized: "kernels" and/or "reference"
+    backends: list[str] = field(default_factory=list)  # what quantized: "kernels", "native" and/or "reference"
     gptq: gptq_write.GPTQSummary | None = None  # method, calibration and per-layer errors (gptq only)
 
     @property
