@@ -87,14 +87,6 @@ INLINE uint16_t float_to_bfloat(float x) {
   return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-INLINE float load(const void* x, int64_t i, int dtype) {
-  switch (dtype) {
-    case kFloat16: return half_to_float(((const uint16_t*)x)[i]);
-    case kBFloat16: return as_float((uint32_t)((const uint16_t*)x)[i] << 16);
-    default: return ((const float*)x)[i];
-  }
-}
-
 INLINE void store(void* out, int64_t i, float v, int dtype) {
   switch (dtype) {
     case kFloat16: ((uint16_t*)out)[i] = float_to_half(v); break;
@@ -122,19 +114,6 @@ INLINE uint32_t magnitude_bits(float x, int dtype) {
 }
 
 // --- element and scale codecs ----------------------------------------------------------------
-
-// _blocks.sanitize for ±Inf (NaN needs nothing: it fails every comparison below, like the 0 it
-// stands for, and a running max built with `>` skips it).
-INLINE float clamp_infinite(float x, float max) { return fabsf(x) > max ? copysignf(max, x) : x; }
-
-// e2m1.encode, Rounding.RNE: the magnitude code counts the midpoints |y| reaches (ties at 0.75,
-// 1.75, 3.5 go up to the even code, the others down); past 6 saturates at 7, NaN gives 0x0, and
-// the sign bit is set iff y < 0, so -0.0 gives 0x0.
-INLINE uint8_t e2m1_encode_rne(float y) {
-  const float a = fabsf(y);
-  const int code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-  return (uint8_t)(code | (y < 0.0f ? 8 : 0));
-}
 
 // e2m1.decode, codes 0..15 (0x8 is -0.0).
 static const float kE2M1Values[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
@@ -223,33 +202,151 @@ int nvq_cpu_nvfp4_global_scale(float amax, int dtype, float* global_scale) {
   return 0;
 }
 
-// nvfp4._ct_scales and quantize for one 16-element block: t = rnd_dt(a_b / 6); s = fp8(g · t),
-// 0 -> 0x20; y = fp32(x / fp32(s / g)); RNE code.
-INLINE void nvfp4_block(const void* x, int64_t b, int dtype, float g, const float* steps, uint8_t* packed,
-                        uint8_t* block_scale) {
-  const float max = kDtypes[dtype].max;
-  float v[kNvfp4Block], m = 0.0f;
-  for (int j = 0; j < kNvfp4Block; ++j) {
-    v[j] = clamp_infinite(load(x, b * kNvfp4Block + j, dtype), max);
-    const float a = fabsf(v[j]);
-    m = a > m ? a : m;
+// --- 4-lane vectors (GCC/clang vector extensions: SSE2 on x86-64, NEON on arm64, no -march) ----
+typedef uint32_t v4u __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef float v4f __attribute__((vector_size(16)));
+#define SPLAT(type, x) ((type){(x), (x), (x), (x)})
+
+INLINE v4u select4(v4i mask, v4u yes, v4u no) { return ((v4u)mask & yes) | (~(v4u)mask & no); }
+
+// Elements i..i+3 as fp32 bits (bf16/fp16 widening is exact).
+INLINE v4u load4(const void* x, int64_t i, int dtype) {
+  if (dtype == kFloat32) {
+    v4u u;
+    memcpy(&u, (const float*)x + i, sizeof u);
+    return u;
   }
-  const float t = round_to(m / kE2M1Max, dtype);
+  const uint16_t* p = (const uint16_t*)x + i;
+  const v4u h = {p[0], p[1], p[2], p[3]};
+  if (dtype == kBFloat16) return h << 16;
+  // half_to_float without branches: rebias the exponent; Inf/NaN rebias twice; a subnormal is
+  // renormalised by an exact fp32 subtraction of 2^-14.
+  const v4u em = h & 0x7FFFu, sign = (h & 0x8000u) << 16;
+  v4u o = (em << 13) + SPLAT(v4u, 112u << 23);
+  o += (v4u)(em >= 0x7C00u) & SPLAT(v4u, 112u << 23);
+  const v4u sub = (v4u)((v4f)(o + SPLAT(v4u, 1u << 23)) - (v4f)SPLAT(v4u, 113u << 23));
+  return select4(em < 0x0400u, sub, o) | sign;
+}
+
+// _blocks.sanitize on fp32 bits: NaN -> +0, ±Inf -> ±(dtype max).
+INLINE v4u sanitize4(v4u u, uint32_t max_bits) {
+  const v4i mag = (v4i)(u & 0x7FFFFFFFu);
+  u &= ~(v4u)(mag > 0x7F800000);
+  return select4(mag == 0x7F800000, (u & 0x80000000u) | max_bits, u);
+}
+
+// Largest |x| over the vectors (finite, sanitized bits order like the values).
+INLINE float block_amax4(const v4u* u, int n) {
+  v4i m = (v4i)(u[0] & 0x7FFFFFFFu);
+  for (int i = 1; i < n; ++i) {
+    const v4i a = (v4i)(u[i] & 0x7FFFFFFFu);
+    m = (v4i)select4(a > m, (v4u)a, (v4u)m);
+  }
+  const int32_t lo = m[0] > m[1] ? m[0] : m[1], hi = m[2] > m[3] ? m[2] : m[3];
+  return as_float((uint32_t)(lo > hi ? lo : hi));
+}
+
+// Dtype<T>::round on fp32 bits of finite values: RNE on the bits; fp16 subnormals by adding 0.5
+// (ulp(0.5) = 2^-24, the fp16 subnormal step), overflow past 65520 to Inf.
+INLINE v4u round4(v4u u, int dtype) {
+  if (dtype == kFloat32) return u;
+  if (dtype == kBFloat16) return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  const v4u mag = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+  const v4u normal = (mag + 0xFFFu + ((mag >> 13) & 1u)) & ~0x1FFFu;
+  const v4u sub = (v4u)(((v4f)mag + 0.5f) - 0.5f);
+  v4u r = select4((v4i)mag < 0x38800000, sub, normal);
+  r = select4((v4i)mag >= 0x477FF000, SPLAT(v4u, 0x7F800000u), r);
+  return r | sign;
+}
+
+// e2m1.encode, Rounding.RNE, on 4 lanes: the magnitude code counts the midpoints |y| reaches (ties
+// at 0.75, 1.75, 3.5 go up to the even code, the others down), past 6 saturates at 7; the sign bit
+// is set iff y < 0, so -0.0 gives 0x0. Codes land in the low 4 bits of each lane.
+INLINE v4i e2m1_encode4(v4f y) {
+  const v4f a = (v4f)((v4u)y & 0x7FFFFFFFu);
+  const v4i count = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+  return -count | ((y < 0.0f) & 8);  // each comparison is -1 when true
+}
+
+// e2m1.pack_pairs for 4 codes: 2 bytes, low nibble = even element.
+INLINE void pack4(v4i c, uint8_t* out) {
+  out[0] = (uint8_t)(c[0] | (c[1] << 4));
+  out[1] = (uint8_t)(c[2] | (c[3] << 4));
+}
+
+static const uint32_t kMaxBits[3] = {[kFloat32] = 0x7F7FFFFFu, [kFloat16] = 0x477FE000u, [kBFloat16] = 0x7F7F0000u};
+
+// --- NVFP4 without a division per element (fp4.cuh's cutoff tables) --------------------------
+// The code of y = RN(|x| / step) is monotone in |x|, and a block's step = fp32(s / g) takes one of
+// 127 values (the positive E4M3 bytes). So for each byte we tabulate the smallest |x| that reaches
+// each code (and the smallest that makes y nonzero, for the sign bit) with the division itself,
+// and encoding an element is 8 comparisons. Exact by construction.
+enum { kScaleBytes = 127, kCutoffs = 8 };
+static const float kCutoffThreshold[kCutoffs] = {0.0f, 0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+
+// Whether RN(c / step) reaches cutoff i: i == 0 asks for a nonzero quotient, i >= 1 for code >= i
+// (ties at 0.75, 1.75, 3.5 go up to the even code, the others down).
+static int reaches(float c, float step, int i) {
+  const float y = c / step;
+  const int ties_up = i == 2 || i == 4 || i == 6;
+  return ties_up ? y >= kCutoffThreshold[i] : y > kCutoffThreshold[i];
+}
+
+// Smallest non-negative float c (by bit pattern, which orders them) with reaches(c): start next to
+// the real-valued answer, walk a few ulps, else bisect. !reaches(0) and reaches(+Inf) bracket it.
+static float smallest_reaching(float step, int i) {
+  uint32_t lo = 0u, hi = 0x7F800000u;
+  uint32_t c = as_bits(kCutoffThreshold[i] * step);
+  c = c < 1u ? 1u : c > hi - 1u ? hi - 1u : c;
+  for (int walk = 0; walk < 4 && lo < c && c < hi; ++walk) {
+    if (reaches(as_float(c), step, i)) {
+      hi = c--;
+    } else {
+      lo = c++;
+    }
+    if (hi - lo == 1u) return as_float(hi);
+  }
+  while (hi - lo > 1u) {
+    const uint32_t mid = lo + (hi - lo) / 2u;
+    if (reaches(as_float(mid), step, i)) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return as_float(hi);
+}
+
+// nvfp4._ct_scales and quantize for one 16-element block: t = rnd_dt(a_b / 6); s = fp8(g · t),
+// 0 -> 0x20; then the codes of y = fp32(x / fp32(s / g)) from the byte's cutoffs.
+INLINE void nvfp4_block(const void* x, int64_t b, int dtype, float g, const float (*cutoffs)[kCutoffs],
+                        uint8_t* packed, uint8_t* block_scale) {
+  v4u u[4];
+  for (int i = 0; i < 4; ++i) u[i] = sanitize4(load4(x, b * kNvfp4Block + 4 * i, dtype), kMaxBits[dtype]);
+  const float t = round_to(block_amax4(u, 4) / kE2M1Max, dtype);
   uint8_t s = fp8_e4m3_encode(g * t);
   s = s == 0 ? kCtZeroBlockScale : s;
-  const float step = steps[s];
-  uint8_t codes[kNvfp4Block];
-  for (int j = 0; j < kNvfp4Block; ++j) codes[j] = e2m1_encode_rne(v[j] / step);
-  for (int j = 0; j < kNvfp4Block / 2; ++j) packed[b * (kNvfp4Block / 2) + j] = codes[2 * j] | (uint8_t)(codes[2 * j + 1] << 4);
+  const float* cut = cutoffs[s];
+  for (int i = 0; i < 4; ++i) {
+    const v4f a = (v4f)(u[i] & 0x7FFFFFFFu);
+    const v4i count = (a >= cut[1]) + (a >= cut[2]) + (a >= cut[3]) + (a >= cut[4]) + (a >= cut[5]) +
+                      (a >= cut[6]) + (a >= cut[7]);
+    const v4i negative = (v4i)(u[i] >> 31) != 0;
+    pack4(-count | (negative & (a >= cut[0]) & 8), packed + b * (kNvfp4Block / 2) + 2 * i);
+  }
   block_scale[b] = s;
 }
 
 INLINE void nvfp4_quantize(const void* x, int64_t n_blocks, int dtype, float g, uint8_t* packed,
                            uint8_t* block_scale, int threads) {
-  float steps[128];  // nvfp4.block_step for every finite non-negative E4M3 byte
-  for (int s = 0; s < 128; ++s) steps[s] = fp8_e4m3_decode((uint8_t)s) / g;
+  float cutoffs[kScaleBytes][kCutoffs];
+  for (int s = 0; s < kScaleBytes; ++s) {
+    const float step = fp8_e4m3_decode((uint8_t)s) / g;  // nvfp4.block_step
+    for (int i = 0; i < kCutoffs; ++i) cutoffs[s][i] = smallest_reaching(step, i);
+  }
   NVQ_PARALLEL_FOR_BLOCKS
-  for (int64_t b = 0; b < n_blocks; ++b) nvfp4_block(x, b, dtype, g, steps, packed, block_scale);
+  for (int64_t b = 0; b < n_blocks; ++b) nvfp4_block(x, b, dtype, g, (const float (*)[kCutoffs])cutoffs, packed, block_scale);
 }
 
 int nvq_cpu_nvfp4_quantize(const void* x, int64_t rows, int64_t k, int dtype, float g, uint8_t* packed,
@@ -270,23 +367,21 @@ int nvq_cpu_nvfp4_quantize(const void* x, int64_t rows, int64_t k, int dtype, fl
 // dtype (an fp16 underflow becomes byte 127, scale 1); y = rnd_dt(x / s), exact as x · (1/s)
 // since s is a power of two; a NaN scale (byte 255) makes every code 0x0.
 INLINE void mxfp4_block(const void* x, int64_t b, int dtype, uint8_t* packed, uint8_t* scale) {
-  const float max = kDtypes[dtype].max;
-  float v[kMxfp4Block], m = 0.0f;
-  for (int j = 0; j < kMxfp4Block; ++j) {
-    v[j] = clamp_infinite(load(x, b * kMxfp4Block + j, dtype), max);
-    const float a = fabsf(v[j]);
-    m = a > m ? a : m;
-  }
-  uint32_t byte = e8m0_even_byte(m, dtype);
+  v4u u[8];
+  for (int i = 0; i < 8; ++i) u[i] = sanitize4(load4(x, b * kMxfp4Block + 4 * i, dtype), kMaxBits[dtype]);
+  uint32_t byte = e8m0_even_byte(block_amax4(u, 8), dtype);
   float s = round_to(e8m0_decode(byte), dtype);
   if (s == 0.0f) {
     byte = kE8M0Bias;
     s = 1.0f;
   }
-  const float inverse = 1.0f / s;
-  uint8_t codes[kMxfp4Block];
-  for (int j = 0; j < kMxfp4Block; ++j) codes[j] = byte == 255u ? 0 : e2m1_encode_rne(round_to(v[j] * inverse, dtype));
-  for (int j = 0; j < kMxfp4Block / 2; ++j) packed[b * (kMxfp4Block / 2) + j] = codes[2 * j] | (uint8_t)(codes[2 * j + 1] << 4);
+  uint8_t* out = packed + b * (kMxfp4Block / 2);
+  if (byte == 255u) {
+    memset(out, 0, kMxfp4Block / 2);
+  } else {
+    const v4f inverse = SPLAT(v4f, 1.0f / s);
+    for (int i = 0; i < 8; ++i) pack4(e2m1_encode4((v4f)round4((v4u)((v4f)u[i] * inverse), dtype)), out + 2 * i);
+  }
   scale[b] = (uint8_t)byte;
 }
 
