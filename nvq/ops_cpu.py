@@ -53,6 +53,8 @@ C_SIGNATURES = {
     "nvq_cpu_nvfp4_dequantize": (_PTR, _PTR, _FLOAT, _I64, _I64, _INT, _PTR, _INT),
     # packed, scale, rows, k, dtype, out, threads
     "nvq_cpu_mxfp4_dequantize": (_PTR, _PTR, _I64, _I64, _INT, _PTR, _INT),
+    # x, n_elements, dtype, threads, all_finite (int out)
+    "nvq_cpu_all_finite": (_PTR, _I64, _INT, _INT, _PTR),
     # x, n, dtype, out: the dtype rounding alone (a test hook)
     "nvq_cpu_round": (_PTR, _I64, _INT, _PTR),
 }
@@ -321,6 +323,19 @@ def run(op: str, *args):
         return None
     lib = library()
     return None if lib is None else OPS[op](lib, *args)
+
+
+def all_finite(x: Tensor) -> bool | None:
+    """Whether a CPU float tensor holds no NaN/Inf, in one pass without temporaries; None when the
+    codec is unavailable or `x` is not a contiguous bf16/fp16/fp32 CPU tensor (use torch then)."""
+    if x.device.type != "cpu" or x.dtype not in DTYPE_CODES or not x.is_contiguous():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = ctypes.c_int()
+    lib.call("nvq_cpu_all_finite", x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], _threads(), ctypes.addressof(out))
+    return bool(out.value)
 
 
 def round_to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:

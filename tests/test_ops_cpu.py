@@ -228,6 +228,40 @@ def test_thread_count_does_not_change_a_byte():
     assert_nvfp4_equal(w, g)
 
 
+def test_all_finite_finds_every_nan_and_inf():
+    for dtype in DTYPES:
+        w = random_weight((64, 100), dtype, 1.0, seed=2)
+        assert ops_cpu.all_finite(w) is True
+        assert ops_cpu.all_finite(torch.ones(0, dtype=dtype)) is True
+        assert ops_cpu.all_finite(torch.full((3,), torch.finfo(dtype).max, dtype=dtype)) is True
+        for special in (float("nan"), float("inf"), float("-inf")):
+            for where in (0, 3333, 6399):
+                bad = w.clone()
+                bad.view(-1)[where] = special
+                assert ops_cpu.all_finite(bad) is False, (dtype, special, where)
+    assert ops_cpu.all_finite(torch.ones(4, 4).t()) is None  # not contiguous: torch decides
+    assert ops_cpu.all_finite(torch.ones(4, dtype=torch.float64)) is None
+
+
+def test_convert_still_names_a_nan_weight(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nvq.errors import TensorError
+    from nvq.quant.pipeline import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama, src)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name][1, 2] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(TensorError, match=f"{name} holds NaN at row 1, column 2"):
+        convert(src, tmp_path / "out", "nvfp4", device="cpu")
+
+
 # --- rounding and dequantize ------------------------------------------------------------------
 
 

@@ -196,6 +196,28 @@ int nvq_cpu_amax(const void* x, int64_t n, int dtype, int threads, float* amax) 
   return n < 0;
 }
 
+// Whether every element is finite (the convert pipeline's NaN/Inf check): no element has an
+// all-ones exponent field. `exponent` is that field's mask.
+#define NVQ_FINITE_LOOP(word, exponent)                                              \
+  do {                                                                              \
+    const word* v = (const word*)x;                                                 \
+    const int64_t n_blocks = n / kNvfp4Block;                                       \
+    int bad = 0;                                                                    \
+    NVQ_OMP("omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (n_blocks > kParallelMin)") \
+    for (int64_t i = 0; i < n; ++i) bad |= (v[i] & (exponent)) == (exponent);      \
+    *all_finite = !bad;                                                             \
+  } while (0)
+
+int nvq_cpu_all_finite(const void* x, int64_t n, int dtype, int threads, int* all_finite) {
+  switch (dtype) {
+    case kFloat32: NVQ_FINITE_LOOP(uint32_t, 0x7F800000u); break;
+    case kFloat16: NVQ_FINITE_LOOP(uint16_t, 0x7C00u); break;
+    case kBFloat16: NVQ_FINITE_LOOP(uint16_t, 0x7F80u); break;
+    default: return 1;
+  }
+  return n < 0;
+}
+
 int nvq_cpu_nvfp4_global_scale(float amax, int dtype, float* global_scale) {
   if (dtype < 0 || dtype > 2) return 1;
   *global_scale = ct_global_scale(amax, dtype);

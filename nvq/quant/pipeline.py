@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nvq import ops
+from nvq import ops, ops_cpu
 from nvq.errors import ConfigError, TensorError
 from nvq.formats.constants import NVFP4_GLOBAL_NUMERATOR
 from nvq.io.atomic import atomic_output_dir
@@ -330,6 +330,8 @@ def _read_chunks(ckpt: Checkpoint, u: Unit, tick: Progress | None,
 
 
 def _check_finite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
+    if ops_cpu.all_finite(chunk):  # one native pass on CPU; torch below finds where, or decides
+        return
     bad = ~torch.isfinite(chunk)
     if not bad.any():
         return
