@@ -223,7 +223,8 @@ def test_thread_count_does_not_change_a_byte():
         many = ops.nvfp4_quantize_packed(w, g), ops.mxfp4_quantize_packed(w), ops.tensor_amax(w)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(torch.utils._pytree.tree_leaves(one), torch.utils._pytree.tree_leaves(many)):
+    flat = [(*one[0], *one[1], one[2]), (*many[0], *many[1], many[2])]
+    for a, b in zip(*flat, strict=True):
         assert_bytes_equal(a, b, "1 thread vs several")
     assert_nvfp4_equal(w, g)
 
