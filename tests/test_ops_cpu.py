@@ -149,6 +149,26 @@ def test_every_16_bit_pattern_equals_the_reference(dtype):
         assert_mxfp4_equal(w)
 
 
+def test_golden_row_gives_compressed_tensors_bytes():
+    # The cross-library golden 1x32 bf16 row (tests/data/vectors_row32.json, from the design docs).
+    import json
+    import struct
+    from pathlib import Path
+
+    vectors = json.loads((Path(__file__).parent / "data" / "vectors_row32.json").read_text())
+    row = torch.frombuffer(bytearray.fromhex(vectors["input_bf16_hex"]), dtype=torch.bfloat16).reshape(1, 32)
+    hexes = lambda t: " ".join(f"{b:02x}" for b in t.reshape(-1).view(torch.uint8).tolist())  # noqa: E731
+    g = ops.nvfp4_global_scale(ops.tensor_amax(row), row.dtype)
+    packed, block_scale = ops.nvfp4_quantize_packed(row, g)
+    assert ops.backend("nvfp4_quantize_packed") == "cpu"
+    nv = vectors["ct_nvfp4"]
+    assert hexes(packed) == nv["weight_packed"] and hexes(block_scale) == nv["weight_scale_fp8"]
+    assert struct.pack("<f", g.item()).hex(" ") == nv["weight_global_scale_hex"]
+    packed, scale = ops.mxfp4_quantize_packed(row)
+    mx = vectors["ct_mxfp4"]
+    assert hexes(packed) == mx["weight_packed"] and hexes(scale) == mx["weight_scale_e8m0"]
+
+
 def test_random_fp32_bit_patterns_equal_the_reference():
     raw = torch.randint(-(1 << 31), 1 << 31, (1 << 16,), dtype=torch.int64, generator=torch.Generator().manual_seed(5))
     w = raw.to(torch.int32).view(torch.float32)
