@@ -2,9 +2,10 @@
 
 Every op below means exactly what its reference means (the reference is the spec of record). On
 CUDA tensors it runs the kernel library, which nvcc builds on first use for the GPU present and
-caches under `$NVQ_CACHE_DIR/kernels` (default `~/.cache/nvq/kernels`); on CPU tensors, or when no
-kernel can be built, it runs the reference on the tensors where they are. `backend(op)` says which
-ran. Nothing is compiled at import time.
+caches under `$NVQ_CACHE_DIR/kernels` (default `~/.cache/nvq/kernels`); CPU tensors take the native
+CPU codec (`nvq.ops_cpu`, same contract); otherwise, or when nothing can be built, it runs the
+reference on the tensors where they are. `backend(op)` says which ran. Nothing is compiled at
+import time.
 
 The library's C ABI (`kernels/*.cu`): `extern "C"` launchers taking raw device pointers, sizes, a
 dtype code and a `cudaStream_t` as `void*`; each launches asynchronously and returns 0 or the
@@ -443,7 +444,7 @@ def kernels_available() -> bool:
 
 
 def backend(op: str) -> str:
-    """'cuda' or 'reference': what the last call of `op` ran on, else what a call with CUDA tensors
+    """'cuda', 'cpu' or 'reference': what the last call of `op` ran on, else what a call with CUDA tensors
     would run on (which builds the kernels on a GPU machine)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")

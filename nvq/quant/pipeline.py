@@ -59,7 +59,7 @@ class ConvertSummary:
 
     @property
     def engine(self) -> str:
-        """Device plus backend, e.g. 'cuda (kernels)' or 'cpu (reference)'."""
+        """Device plus backend, e.g. 'cuda (kernels)', 'cpu (native)' or 'cpu (reference)'."""
         return f"{self.device} ({'+'.join(self.backends) or 'nothing quantized'})"
 
     @property
