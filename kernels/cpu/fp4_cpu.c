@@ -425,16 +425,39 @@ int nvq_cpu_mxfp4_quantize(const void* x, int64_t rows, int64_t k, int dtype, ui
   return 0;
 }
 
+// n codes (n/2 packed bytes) times `factor` in fp32, rounded once to the output dtype. bf16 and
+// fp32 go 4 lanes at a time (NaN lanes made the canonical NaN first, so that the RNE add keeps them
+// NaN); fp16 narrowing, with its subnormals, stays scalar.
+INLINE void dequantize_block(const uint8_t* pairs, int n, float factor, int dtype, void* out, int64_t first) {
+  if (dtype == kFloat16) {
+    for (int j = 0; j < n; ++j) {
+      store(out, first + j, kE2M1Values[(j & 1) ? pairs[j / 2] >> 4 : pairs[j / 2] & 0xF] * factor, dtype);
+    }
+    return;
+  }
+  const v4f f = SPLAT(v4f, factor);
+  for (int j = 0; j < n; j += 4) {
+    const uint8_t p0 = pairs[j / 2], p1 = pairs[j / 2 + 1];
+    const v4f v = {kE2M1Values[p0 & 0xF], kE2M1Values[p0 >> 4], kE2M1Values[p1 & 0xF], kE2M1Values[p1 >> 4]};
+    v4u r = (v4u)(v * f);
+    if (dtype == kFloat32) {
+      memcpy((float*)out + first + j, &r, sizeof r);
+      continue;
+    }
+    r = select4((v4i)(r & 0x7FFFFFFFu) > 0x7F800000, SPLAT(v4u, 0x7FC00000u), r);
+    const v4u h = (r + 0x7FFFu + ((r >> 16) & 1u)) >> 16;
+    uint16_t* o = (uint16_t*)out + first + j;
+    o[0] = (uint16_t)h[0], o[1] = (uint16_t)h[1], o[2] = (uint16_t)h[2], o[3] = (uint16_t)h[3];
+  }
+}
+
 // nvfp4.dequantize: dtype(fp32(e2m1 · fp32(s / g))), one rounding to the output dtype.
 INLINE void nvfp4_dequantize(const uint8_t* packed, const uint8_t* block_scale, float g, int64_t n_blocks,
                              int dtype, void* out, int threads) {
   NVQ_PARALLEL_FOR_BLOCKS
   for (int64_t b = 0; b < n_blocks; ++b) {
     const float step = fp8_e4m3_decode(block_scale[b]) / g;
-    for (int j = 0; j < kNvfp4Block; ++j) {
-      const uint8_t pair = packed[b * (kNvfp4Block / 2) + j / 2];
-      store(out, b * kNvfp4Block + j, kE2M1Values[(j & 1) ? pair >> 4 : pair & 0xF] * step, dtype);
-    }
+    dequantize_block(packed + b * (kNvfp4Block / 2), kNvfp4Block, step, dtype, out, b * kNvfp4Block);
   }
 }
 
@@ -456,11 +479,7 @@ INLINE void mxfp4_dequantize(const uint8_t* packed, const uint8_t* scale, int64_
                              int threads) {
   NVQ_PARALLEL_FOR_BLOCKS
   for (int64_t b = 0; b < n_blocks; ++b) {
-    const float s = e8m0_decode(scale[b]);
-    for (int j = 0; j < kMxfp4Block; ++j) {
-      const uint8_t pair = packed[b * (kMxfp4Block / 2) + j / 2];
-      store(out, b * kMxfp4Block + j, kE2M1Values[(j & 1) ? pair >> 4 : pair & 0xF] * s, dtype);
-    }
+    dequantize_block(packed + b * (kMxfp4Block / 2), kMxfp4Block, e8m0_decode(scale[b]), dtype, out, b * kMxfp4Block);
   }
 }
 
