@@ -409,3 +409,13 @@ def test_importing_nvq_compiles_nothing():
     code = "import nvq.ops, nvq.ops_cpu as c, nvq.quant.pipeline, nvq.cli; print(c._LOADER.decided)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "serial"])
+def test_source_compiles_warning_free(openmp, tmp_path):
+    import subprocess
+
+    build = ops_cpu.plan_build(openmp=openmp)
+    command = [*build.command(tmp_path / "lib.so"), "-Werror"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
