@@ -2,9 +2,10 @@
 
 Every op below means exactly what its reference means (the reference is the spec of record). On
 CUDA tensors it runs the kernel library, which nvcc builds on first use for the GPU present and
-caches under `$NVQ_CACHE_DIR/kernels` (default `~/.cache/nvq/kernels`); on CPU tensors, or when no
-kernel can be built, it runs the reference on the tensors where they are. `backend(op)` says which
-ran. Nothing is compiled at import time.
+caches under `$NVQ_CACHE_DIR/kernels` (default `~/.cache/nvq/kernels`); CPU tensors take the native
+CPU codec (`nvq.ops_cpu`, same contract); otherwise, or when nothing can be built, it runs the
+reference on the tensors where they are. `backend(op)` says which ran. Nothing is compiled at
+import time.
 
 The library's C ABI (`kernels/*.cu`): `extern "C"` launchers taking raw device pointers, sizes, a
 dtype code and a `cudaStream_t` as `void*`; each launches asynchronously and returns 0 or the
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from nvq import ops_cpu
 from nvq.errors import KernelBuildError
 from nvq.formats import e2m1, mxfp4, nvfp4
 from nvq.formats._blocks import WEIGHT_DTYPES, check_dtype, check_weight
@@ -67,6 +69,7 @@ __all__ = [
 ]
 
 CUDA = "cuda"
+CPU = "cpu"  # the native CPU codec, nvq/ops_cpu.py
 REFERENCE = "reference"
 OPS = (
     "tensor_amax",
@@ -457,7 +460,7 @@ def kernels_available() -> bool:
 
 
 def backend(op: str) -> str:
-    """'cuda' or 'reference': what the last call of `op` ran on, else what a call with CUDA tensors
+    """'cuda', 'cpu' or 'reference': what the last call of `op` ran on, else what a call with CUDA tensors
     would run on (which builds the kernels on a GPU machine)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
@@ -474,6 +477,14 @@ def _kernels_for(op: str, *tensors: Tensor) -> KernelLibrary | None:
     library = _LOADER.load() if devices[0].type == "cuda" else None
     _last_backend[op] = CUDA if library else REFERENCE
     return library
+
+
+def _on_cpu(op: str, *args):
+    """`op` on the native CPU codec (nvq.ops_cpu) for CPU tensors, else None; records the backend."""
+    result = ops_cpu.run(op, *args)
+    if result is not None:
+        _last_backend[op] = CPU
+    return result
 
 
 def _launch(library: KernelLibrary, name: str, device: torch.device, *args) -> None:
@@ -534,7 +545,8 @@ def tensor_amax(w: Tensor) -> Tensor:
     x = _kernel_ready(w)
     library = _kernels_for("tensor_amax", x)
     if library is None:
-        return nvfp4.tensor_amax(x)
+        native = _on_cpu("tensor_amax", x)
+        return nvfp4.tensor_amax(x) if native is None else native
     amax = torch.zeros(1, dtype=torch.float32, device=x.device)
     if x.numel():
         _launch(library, "nvq_amax", x.device, x.data_ptr(), 1, x.numel(), DTYPE_CODES[x.dtype], amax.data_ptr())
@@ -549,7 +561,8 @@ def nvfp4_global_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
     check_dtype(dtype, "nvfp4_global_scale dtype")
     library = _kernels_for("nvfp4_global_scale", amax)
     if library is None:
-        return nvfp4.global_scale(amax, dtype)
+        native = _on_cpu("nvfp4_global_scale", amax, dtype)
+        return nvfp4.global_scale(amax, dtype) if native is None else native
     # The reference first rounds amax to dtype; fp32 holds that value exactly.
     a = amax.reshape(1).to(dtype).float().contiguous()
     g = torch.empty(1, dtype=torch.float32, device=a.device)
@@ -568,6 +581,8 @@ def nvfp4_quantize_packed(w: Tensor, global_scale: Tensor) -> tuple[Tensor, Tens
     _check_scalar(global_scale, "global_scale")
     x = _kernel_ready(w)
     library = _kernels_for("nvfp4_quantize_packed", x, global_scale)
+    if library is None and (native := _on_cpu("nvfp4_quantize_packed", x, global_scale)) is not None:
+        return native
     if library is None:
         q = nvfp4.quantize(x, global_scale=global_scale)
         return e2m1.pack_pairs(q.codes), q.block_scale
@@ -590,6 +605,8 @@ def mxfp4_quantize_packed(w: Tensor) -> tuple[Tensor, Tensor]:
     check_weight(w, MXFP4_BLOCK, "MXFP4")
     x = _kernel_ready(w)
     library = _kernels_for("mxfp4_quantize_packed", x)
+    if library is None and (native := _on_cpu("mxfp4_quantize_packed", x)) is not None:
+        return native
     if library is None:
         q = mxfp4.quantize(x)
         return e2m1.pack_pairs(q.codes), q.scale
@@ -615,6 +632,8 @@ def nvfp4_dequantize_packed(
     codes, scales = _kernel_ready(packed), block_scale.contiguous()
     library = _kernels_for("nvfp4_dequantize_packed", codes, scales, global_scale)
     g = global_scale.reshape(1).float().contiguous()
+    if library is None and (native := _on_cpu("nvfp4_dequantize_packed", codes, scales, g, dtype)) is not None:
+        return native
     if library is None:
         return nvfp4.dequantize(nvfp4.NVFP4Quantized(e2m1.unpack_pairs(codes), scales, g), dtype)
     scales = scales.view(torch.uint8)
@@ -634,6 +653,8 @@ def mxfp4_dequantize_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype) -
     check_dtype(dtype, "mxfp4_dequantize_packed dtype")
     codes, scales = _kernel_ready(packed), scale.contiguous()
     library = _kernels_for("mxfp4_dequantize_packed", codes, scales)
+    if library is None and (native := _on_cpu("mxfp4_dequantize_packed", codes, scales, dtype)) is not None:
+        return native
     if library is None:
         return mxfp4.dequantize(mxfp4.MXFP4Quantized(e2m1.unpack_pairs(codes), scales), dtype)
     rows = codes.shape[0]
@@ -774,6 +795,7 @@ class KernelStatus:
     library: str | None  # the cached library for this machine's targets, if built
     problem: str | None  # why no library can be built here, if so
     backends: dict[str, str] = field(default_factory=dict)  # op -> backend, with why when not cuda
+    cpu: str = ""  # what ops on CPU tensors run on: the native codec or the reference, and why
 
 
 def kernel_status() -> KernelStatus:
@@ -801,6 +823,7 @@ def kernel_status() -> KernelStatus:
         library=str(library) if library else None,
         problem=problem,
         backends={op: _predicted_backend(op, bool(gpus), library, problem) for op in OPS},
+        cpu=ops_cpu.status(),
     )
 
 

@@ -248,6 +248,7 @@ def print_kernel_status(s) -> None:
         ("sources", f"{s.kernel_dir}: {', '.join(s.sources) or 'none'}"),
         ("cache", s.cache_dir),
         ("library", s.library or ("cannot be built here" if s.problem else "not built yet")),
+        ("on CPU", s.cpu),  # what ops on CPU tensors run on: the native codec or the reference
     ]
     if s.problem:
         lines.append(("why", s.problem))

@@ -392,7 +392,8 @@ def check_expert_ops(stack):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_tensors_run_the_reference_byte_for_byte(dtype, fresh_loader):
+def test_cpu_tensors_run_the_reference_byte_for_byte(dtype, fresh_loader, monkeypatch):
+    monkeypatch.setenv("NVQ_CPU_KERNELS", "0")  # the native CPU codec: tests/test_ops_cpu.py
     w = weight(5, 96, dtype, seed=1)
     amax = ops.tensor_amax(w)
     assert amax.dtype == dtype and amax.shape == () and torch.equal(bits(amax), bits(nvfp4.tensor_amax(w)))
@@ -645,8 +646,10 @@ def test_cli_kernels_status_lists_every_op(monkeypatch, stubs, cache, fresh_load
     assert result.exit_code == 0 and '"backends"' in result.output
 
 
-def test_convert_summary_names_the_backend(tiny_llama, tmp_path):
+def test_convert_summary_names_the_backend(tiny_llama, tmp_path, monkeypatch):
     from nvq.quant.pipeline import convert
+
+    monkeypatch.setenv("NVQ_CPU_KERNELS", "0")  # "native" is tests/test_ops_cpu.py's
 
     summary = convert(tiny_llama, tmp_path / "out", "mxfp4", device="cpu")
     assert summary.backends == ["reference"] and summary.engine == "cpu (reference)"
