@@ -107,7 +107,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--methods", default="rtn,gptq", help="comma-separated: rtn, gptq")
+    ap.add_argument("--park-budget-gib", type=float, default=None,
+                    help="GiB of parked calibration activations kept on the GPU (default: nvq's)")
     args = ap.parse_args()
+    if args.park_budget_gib is not None:
+        from nvq.quant import calibrate
+        calibrate.DEFAULT_BUDGET = int(args.park_budget_gib * 2**30)
     src = args.work / "rand8b"
     if not src.exists():
         t = time.perf_counter()
@@ -115,6 +120,7 @@ def main() -> None:
         print(f"built {src} in {time.perf_counter() - t:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
+              "park_budget_gib": args.park_budget_gib,
               "date": time.strftime("%Y-%m-%d")}
     settings = {"rtn": GPTQSettings(method="rtn"), "gptq": GPTQSettings(samples=args.samples, seq_len=args.seq_len)}
     for method in args.methods.split(","):
