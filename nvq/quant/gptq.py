@@ -9,6 +9,10 @@ Choices (all deterministic for the same W and H):
   scale is fitted on the original W first, so g_idx stays k // G and vLLM can load the result;
 * dead inputs (diag H = 0) are zeroed, as in the reference.
 `H = None` (or an identity) makes GPTQ round-to-nearest: no error reaches other columns.
+
+On CUDA a block's column loop is ~1.5k tiny kernels whose launches, not their math, cost the time;
+it is captured once per block shape as a CUDA graph and replayed (`columns_graph`), running the
+same kernels on the same values, so the bits do not change.
 """
 
 from __future__ import annotations
