@@ -9,12 +9,14 @@ A100 with 128 × 2048. The same run also times round-to-nearest (`--method rtn`)
 
 Weights are N(0, 0.02) in bf16 (norms 1); the calibration text is the embedded corpus through a
 small byte-level tokenizer (ids index the first rows of the embedding; the GPTQ work per token is
-the same). Prints one JSON object.
+the same). Prints one JSON object; `output_sha256` digests the written shards, so two checkouts
+can be compared byte for byte, and `seconds_per_layer` leaves out layer 0 (warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -78,12 +80,24 @@ def timed(src: Path, out: Path, settings: GPTQSettings) -> dict:
     result = {"method": settings.method, "seconds": round(seconds, 1),
               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-              "bytes_written": s.bytes_written, "group_size": s.gptq.group_size}
+              "bytes_written": s.bytes_written, "group_size": s.gptq.group_size,
+              "output_sha256": _digest(out)}
+    if len(layer_times) > 1:
+        result["seconds_per_layer"] = round((layer_times[-1][1] - layer_times[0][1]) / (len(layer_times) - 1), 2)
     if settings.method == "gptq":
         r = s.gptq.report
         result.update(calibration=s.gptq.calibration, mean_error=r.mean_error,
                       worst_layer=r.worst_layer.layer, worst_error=r.worst_layer.mean)
     return result
+
+
+def _digest(out: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(out.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def main() -> None:
@@ -93,7 +107,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--methods", default="rtn,gptq", help="comma-separated: rtn, gptq")
+    ap.add_argument("--park-budget-gib", type=float, default=None,
+                    help="GiB of parked calibration activations kept on the GPU (default: nvq's)")
     args = ap.parse_args()
+    if args.park_budget_gib is not None:
+        from nvq.quant import calibrate
+        calibrate.DEFAULT_BUDGET = int(args.park_budget_gib * 2**30)
     src = args.work / "rand8b"
     if not src.exists():
         t = time.perf_counter()
@@ -101,6 +120,7 @@ def main() -> None:
         print(f"built {src} in {time.perf_counter() - t:.1f} s", flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
+              "park_budget_gib": args.park_budget_gib,
               "date": time.strftime("%Y-%m-%d")}
     settings = {"rtn": GPTQSettings(method="rtn"), "gptq": GPTQSettings(samples=args.samples, seq_len=args.seq_len)}
     for method in args.methods.split(","):

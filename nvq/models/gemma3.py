@@ -205,42 +205,54 @@ def forward_layers(
         return L.rms_norm(x, w(name), eps, L.NORM_ONE_PLUS)
 
     x = w.rows("token_embd.weight", ids) * embed_scale_value(config.hidden_size, embed_scale)
-    x = tap("inp_scaled", x)
+    x = L.keep(tap("inp_scaled", x))
     yield L.EMBEDDED
     for i in range(config.num_layers):
         p = f"blk.{i}."
-        kind = config.layer_type(i)
-        cos, sin = rope[kind]
-        a = tap(f"attn_norm-{i}", norm(x, p + "attn_norm.weight"))
-        q = L.linear(a, w(p + "attn_q.weight")).view(t, -1, hd)
-        k = L.linear(a, w(p + "attn_k.weight")).view(t, -1, hd)
-        v = L.linear(a, w(p + "attn_v.weight")).view(t, -1, hd)
-        q = norm(q, p + "attn_q_norm.weight")
-        k = norm(k, p + "attn_k_norm.weight")
-        tap(f"Qcur_normed-{i}", q.reshape(t, -1))
-        tap(f"Kcur_normed-{i}", k.reshape(t, -1))
-        q = L.apply_rope(q, cos, sin)
-        k = L.apply_rope(k, cos, sin)
-        tap(f"Qcur-{i}", q.reshape(t, -1))
-        tap(f"Kcur-{i}", k.reshape(t, -1))
-        tap(f"Vcur-{i}", v.reshape(t, -1))
-        window = config.sliding_window if kind == SLIDING else None
-        o = L.attention(q, k, v, scale, window=window, softcap=config.attn_logit_softcapping)
-        o = L.linear(tap(f"kqv_out-{i}", o), w(p + "attn_output.weight"))
+        # Intermediates live only in `_attention`'s frame or in one expression, and `del` drops
+        # the rest: a calibration sequence parked at a Linear holds just the kept residual and
+        # that Linear's input (nvq.quant.capture).
+        o = _attention(config, w, tap, norm, i, x, rope[config.layer_type(i)], scale)
+        o = L.linear(o, w(p + "attn_output.weight"))
         o = tap(f"attn_post_norm-{i}", norm(o, p + "post_attention_norm.weight"))
-        x = tap(f"ffn_inp-{i}", tap(f"sa_out-{i}", x + o))
-        m = tap(f"ffn_norm-{i}", norm(x, p + "ffn_norm.weight"))
+        x = L.keep(tap(f"ffn_inp-{i}", tap(f"sa_out-{i}", x + o)))
+        del o
         m = L.glu_mlp(
-            m,
+            tap(f"ffn_norm-{i}", norm(x, p + "ffn_norm.weight")),
             w(p + "ffn_gate.weight"),
             w(p + "ffn_up.weight"),
             w(p + "ffn_down.weight"),
             config.hidden_activation,
         )
         m = norm(tap(f"ffn_out-{i}", m), p + "post_ffw_norm.weight")
-        x = tap(f"l_out-{i}", x + tap(f"ffn_post_norm-{i}", m))
+        x = L.keep(tap(f"l_out-{i}", x + tap(f"ffn_post_norm-{i}", m)))
+        del m
         yield i
     return tap("result_norm", norm(x, "output_norm.weight"))
+
+
+def _attention(config: Gemma3Config, w: L.Weights, tap, norm, i: int, x: torch.Tensor, rope, scale: float) -> torch.Tensor:
+    """Layer i's attention up to `kqv_out-i` (the output projection's input)."""
+    p, t, hd = f"blk.{i}.", x.shape[0], config.head_dim
+    kind = config.layer_type(i)
+    cos, sin = rope
+    a = tap(f"attn_norm-{i}", norm(x, p + "attn_norm.weight"))
+    q = L.linear(a, w(p + "attn_q.weight")).view(t, -1, hd)
+    k = L.linear(a, w(p + "attn_k.weight")).view(t, -1, hd)
+    v = L.linear(a, w(p + "attn_v.weight")).view(t, -1, hd)
+    del a
+    q = norm(q, p + "attn_q_norm.weight")
+    k = norm(k, p + "attn_k_norm.weight")
+    tap(f"Qcur_normed-{i}", q.reshape(t, -1))
+    tap(f"Kcur_normed-{i}", k.reshape(t, -1))
+    q = L.apply_rope(q, cos, sin)
+    k = L.apply_rope(k, cos, sin)
+    tap(f"Qcur-{i}", q.reshape(t, -1))
+    tap(f"Kcur-{i}", k.reshape(t, -1))
+    tap(f"Vcur-{i}", v.reshape(t, -1))
+    window = config.sliding_window if kind == SLIDING else None
+    o = L.attention(q, k, v, scale, window=window, softcap=config.attn_logit_softcapping)
+    return tap(f"kqv_out-{i}", o)
 
 
 def head(config: Gemma3Config, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:

@@ -223,12 +223,26 @@ def activation(name: str):
 # Calibration hook (nvq.quant.capture): called with (input, weight, expert index or None) before
 # a weight is used, so GPTQ can record each Linear's inputs and quantize it before it runs.
 _observer = None
+# Calibration parking (nvq.quant.capture): called with every tensor a forward passes to `keep`.
+_keeper = None
 
 
-def set_linear_observer(observer) -> None:
-    """Install (or with None remove) the process-wide Linear observer; see nvq.quant.capture."""
-    global _observer
-    _observer = observer
+def set_linear_observer(observer, keeper=None) -> None:
+    """Install (or with None remove) the process-wide Linear observer and the `keep` hook; see
+    nvq.quant.capture."""
+    global _observer, _keeper
+    _observer, _keeper = observer, keeper
+
+
+def keep(t: torch.Tensor) -> torch.Tensor:
+    """Returns t. Marks an activation the forward holds across later Linears (the residual
+    stream, K/V or PLE inputs kept for later layers): a calibration sequence parked at a Linear
+    may have its kept tensors and the Linear's input moved off the device until it resumes.
+    Tensors a forward holds but no longer needs should be released instead (end of a helper's
+    frame, `del`), so the parked state is the kept set plus the Linear's input."""
+    if _keeper is not None:
+        _keeper(t)
+    return t
 
 
 class InputQuantized(torch.Tensor):
@@ -280,7 +294,9 @@ def glu_mlp(
     """down·(act(gate·x) ⊙ up·x): SwiGLU with act="silu", GeGLU with act="gelu_pytorch_tanh"."""
     fn = activation(act)
     bg, bu, bd = biases
-    return linear(fn(linear(x, gate, bg)) * linear(x, up, bu), down, bd)
+    h = fn(linear(x, gate, bg)) * linear(x, up, bu)
+    del x  # a calibration sequence parks at `down`; its input is no longer part of its state
+    return linear(h, down, bd)
 
 
 ALL_EXPERTS = -1  # observer's expert index for the MoE block's input before routing

@@ -131,38 +131,48 @@ def forward_layers(
     eps, hd = config.rms_norm_eps, config.head_dim
     t = ids.shape[0]
     cos, sin = L.rope_cos_sin(L.rope_inv_freq(config.rope, hd), torch.arange(t), dtype, device)
-    scale = hd**-0.5
 
-    x = tap("embd", w.rows("token_embd.weight", ids))
+    x = L.keep(tap("embd", w.rows("token_embd.weight", ids)))
     yield L.EMBEDDED
     for i in range(config.num_layers):
         p = f"blk.{i}."
-        a = tap(f"attn_norm-{i}", L.rms_norm(x, w(p + "attn_norm.weight"), eps, L.NORM_LLAMA))
-        q = L.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
-        k = L.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
-        v = L.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias")).view(t, -1, hd)
-        q = L.apply_rope(q, cos, sin)
-        k = L.apply_rope(k, cos, sin)
-        tap(f"Qcur-{i}", q.reshape(t, -1))
-        tap(f"Kcur-{i}", k.reshape(t, -1))
-        tap(f"Vcur-{i}", v.reshape(t, -1))
-        o = tap(f"kqv_out-{i}", L.attention(q, k, v, scale))
-        o = tap(
-            f"attn_out-{i}", L.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias"))
-        )
-        x = tap(f"ffn_inp-{i}", x + o)
-        m = tap(f"ffn_norm-{i}", L.rms_norm(x, w(p + "ffn_norm.weight"), eps, L.NORM_LLAMA))
+        # Intermediates live only in `_attention`'s frame or in one expression, and `del` drops
+        # the rest: a calibration sequence parked at a Linear holds just the kept residual and
+        # that Linear's input (nvq.quant.capture).
+        o = _attention(config, w, tap, i, x, cos, sin)
+        o = L.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias"))
+        x = L.keep(tap(f"ffn_inp-{i}", x + tap(f"attn_out-{i}", o)))
+        del o
         m = L.glu_mlp(
-            m,
+            tap(f"ffn_norm-{i}", L.rms_norm(x, w(p + "ffn_norm.weight"), eps, L.NORM_LLAMA)),
             w(p + "ffn_gate.weight"),
             w(p + "ffn_up.weight"),
             w(p + "ffn_down.weight"),
             config.hidden_act,
             (w.get(p + "ffn_gate.bias"), w.get(p + "ffn_up.bias"), w.get(p + "ffn_down.bias")),
         )
-        x = tap(f"l_out-{i}", x + tap(f"ffn_out-{i}", m))
+        x = L.keep(tap(f"l_out-{i}", x + tap(f"ffn_out-{i}", m)))
+        del m
         yield i
     return tap("result_norm", L.rms_norm(x, w("output_norm.weight"), eps, L.NORM_LLAMA))
+
+
+def _attention(
+    config: LlamaConfig, w: L.Weights, tap, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Layer i's attention up to `kqv_out-i` (the output projection's input)."""
+    p, t, hd = f"blk.{i}.", x.shape[0], config.head_dim
+    a = tap(f"attn_norm-{i}", L.rms_norm(x, w(p + "attn_norm.weight"), config.rms_norm_eps, L.NORM_LLAMA))
+    q = L.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
+    k = L.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
+    v = L.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias")).view(t, -1, hd)
+    del a
+    q = L.apply_rope(q, cos, sin)
+    k = L.apply_rope(k, cos, sin)
+    tap(f"Qcur-{i}", q.reshape(t, -1))
+    tap(f"Kcur-{i}", k.reshape(t, -1))
+    tap(f"Vcur-{i}", v.reshape(t, -1))
+    return tap(f"kqv_out-{i}", L.attention(q, k, v, hd**-0.5))
 
 
 def head(config: LlamaConfig, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:

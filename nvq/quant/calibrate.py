@@ -9,6 +9,10 @@ MoE experts get Hessians from the tokens routed to them. Fallback for an expert 
 than `min_expert_tokens` tokens (or none): its gate/up projections use the Hessian of every token
 entering the MoE block, its down projection is rounded to nearest (its inputs exist only for the
 tokens routed to it). The summary lists these experts.
+
+Calibration sequences park between Linears (nvq.quant.capture); on CUDA their activations past
+`park_budget` bytes wait in pinned host memory (nvq.quant.offload), which bounds GPU memory by the
+budget instead of by the number of sequences, with the same bytes out.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from nvq.models.base import EXPERT_ROLES
 from nvq.models.load import canonical_names
 from nvq.quant import gptq
 from nvq.quant.capture import Hessian, Request, SequentialCapture
+from nvq.quant.offload import DEFAULT_BUDGET, Offload
 from nvq.quant.policy import Plan, Unit
 
 DEFAULT_MIN_EXPERT_TOKENS = 32
@@ -37,6 +42,15 @@ class GPTQOptions:
     damp: float = gptq.DEFAULT_DAMP
     act_order: bool = True
     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS
+    # bytes of parked activations kept on the device; None: DEFAULT_BUDGET on CUDA, and no
+    # offloading elsewhere (host to host would only copy)
+    park_budget: int | None = None
+
+
+def _offload(options: GPTQOptions, device: torch.device) -> Offload | None:
+    if options.park_budget is not None:
+        return Offload(options.park_budget)
+    return Offload(DEFAULT_BUDGET) if device.type == "cuda" else None
 
 
 @dataclass
@@ -177,7 +191,7 @@ def run_gptq(
             stats.errors.append(sol.error)
             emit(u, sol.quantized)
 
-    capture = SequentialCapture(weights.name_of, requests, solve)
+    capture = SequentialCapture(weights.name_of, requests, solve, _offload(options, device))
     extra = {"embed_scale": "exact"} if "embed_scale" in inspect.signature(arch.module.forward).parameters else {}
 
     def forward(i: int, taps) -> None:

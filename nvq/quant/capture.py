@@ -12,18 +12,32 @@ pending request to `solve` (which quantizes the weight in place) and wakes the t
 it. MoE experts are requested per expert with only the tokens routed to them; threads then park
 at different experts, and experts are solved in ascending order, which is the order every thread
 visits them in.
+
+Linears that read the same input as the one before them (q/k/v, gate/up) share its Hessian, which
+is complete once that one is solved: the first sequence to reach such a Linear solves it at once
+and no sequence parks there, so a layer has one parking per distinct input (four in Llama).
+
+Parked memory: a parked sequence holds its activations. The forwards release what they no longer
+need (helpers' frames, `del`) and mark with `nvq.models.layers.keep` what they hold across Linears
+(the residual stream, donor K/V, PLE inputs), so at a parking the sequence's state is its live
+kept tensors plus the Linear's input. `nvq.quant.offload.Offload` leaves the first `budget` bytes
+of that state on the device and moves the rest to host memory, by storage, until the sequence
+resumes: the same bytes come back, so offloading never changes a result. Anything a forward holds
+without marking it simply stays on the device.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from nvq.models import layers as L
+from nvq.quant.offload import Offload
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
 
@@ -88,8 +102,9 @@ class _Worker:
     pending: Request | None = None
     done: bool = False
     error: BaseException | None = None
-    last_x: torch.Tensor | None = None
+    last_x: weakref.ref | None = None  # not a reference: a parked thread must not pin its last input
     last_request: Request | None = None
+    kept: list[weakref.ref] = field(default_factory=list)  # tensors the forward passed to L.keep
 
 
 # solve(request, its Hessian or None, Hessian of every token entering that MoE block or None)
@@ -101,12 +116,15 @@ class SequentialCapture:
 
     name_of: the canonical name of a weight tensor the forward reads, or None (not quantized).
     wanted: the requests to solve when reached; others (routers, heads) pass through.
+    offload: where parked activations go past its budget; None keeps them all on the device.
     """
 
-    def __init__(self, name_of: Callable[[torch.Tensor], str | None], wanted: Iterable[Request], solve: Solve):
+    def __init__(self, name_of: Callable[[torch.Tensor], str | None], wanted: Iterable[Request], solve: Solve,
+                 offload: Offload | None = None):
         self.name_of = name_of
         self.wanted = set(wanted)
         self.solve = solve
+        self.offload = offload
         self.solved: set[Request] = set()
         self.hessians: dict[Request, Hessian] = {}
         self.moe_inputs: dict[str, Hessian] = {}
@@ -128,36 +146,57 @@ class SequentialCapture:
         req = Request(name, expert)
         if req not in self.wanted:
             return
+        complete = self._accumulate(worker, req, x)
+        if complete:  # shares the Hessian of a solved Linear: solve now (first sequence) or pass
+            if req not in self.solved:
+                self._solve(req)
+            return
         if req in self.solved:
             raise CaptureOrderError(f"sequence {worker.index} reached {req} after it was quantized")
-        self._accumulate(worker, req, x)
         self._first_seen.setdefault(req, len(self._first_seen))
         worker.pending = req
-        self._park(worker)
+        self._park(worker, x)
         worker.pending = None
 
-    def _accumulate(self, worker: _Worker, req: Request, x: torch.Tensor) -> None:
+    def _accumulate(self, worker: _Worker, req: Request, x: torch.Tensor) -> bool:
+        """Adds x to req's Hessian; True when req shares the Hessian of an already solved request."""
         # q/k/v (and gate/up) read the same input tensor: they share one Hessian, summed once.
         acc = self.hessians.get(req)
-        shared = self.hessians.get(worker.last_request) if worker.last_x is x else None
+        last = worker.last_x() if worker.last_x is not None else None
+        shared = self.hessians.get(worker.last_request) if last is x else None
         if shared is not None:
             if acc is None:
                 self.hessians[req] = shared
                 acc = shared
             if acc is shared:
+                complete = worker.last_request in self.solved
                 worker.last_request = req
-                return
+                return complete
         if acc is None:
             acc = self.hessians[req] = Hessian()
         acc.add(x)
-        worker.last_x, worker.last_request = x, req
+        worker.last_x, worker.last_request = weakref.ref(x), req
+        return False
 
-    def _park(self, worker: _Worker) -> None:
+    def _keep(self, t: torch.Tensor) -> None:
+        worker: _Worker | None = getattr(self._local, "worker", None)
+        if worker is not None and self.offload is not None:
+            worker.kept.append(weakref.ref(t))
+
+    def _live(self, worker: _Worker, x: torch.Tensor) -> list[torch.Tensor]:
+        """The parking thread's state: its live kept tensors and the Linear's input."""
+        worker.kept = [r for r in worker.kept if r() is not None]
+        return [t for t in (r() for r in worker.kept) if t is not None] + [x]
+
+    def _park(self, worker: _Worker, x: torch.Tensor) -> None:
+        parked = self.offload.park(self._live(worker, x)) if self.offload is not None else None
         self._main.set()
         worker.go.wait()
         worker.go.clear()
         if self._aborted:
             raise _Aborted
+        if parked is not None:
+            self.offload.resume(parked)
 
     def _thread(self, worker: _Worker, forward: Callable[[int, object], None]) -> None:
         self._local.worker = worker
@@ -173,6 +212,7 @@ class SequentialCapture:
         finally:
             worker.done = True
             worker.last_x = None
+            worker.kept.clear()
             self._main.set()
 
     # -- scheduler ---------------------------------------------------------------------------
@@ -189,6 +229,11 @@ class SequentialCapture:
         part = 1 if "down" in req.weight else 0
         return (req.layer, 0 if expert else 1, req.expert or 0, part, self._first_seen[req])
 
+    def _solve(self, req: Request) -> None:
+        self._forget_before(req.layer)
+        self.solve(req, self.hessians.get(req), self.moe_inputs.get(req.weight))
+        self.solved.add(req)
+
     def _forget_before(self, layer: int) -> None:
         # Every sequence has left the layers before `layer`: their Hessians are no longer needed.
         for r in [r for r in self.hessians if r.layer < layer]:
@@ -200,7 +245,7 @@ class SequentialCapture:
         """forward(i, taps) runs the reference forward of sequence i with those taps."""
         workers = [_Worker(i) for i in range(n_sequences)]
         threads = [threading.Thread(target=self._thread, args=(w, forward), daemon=True) for w in workers]
-        L.set_linear_observer(self._observe)
+        L.set_linear_observer(self._observe, self._keep)
         try:
             for t in threads:
                 t.start()
@@ -212,9 +257,7 @@ class SequentialCapture:
                 if not parked:
                     return
                 req = min({w.pending for w in parked}, key=self._order)
-                self._forget_before(req.layer)
-                self.solve(req, self.hessians.get(req), self.moe_inputs.get(req.weight))
-                self.solved.add(req)
+                self._solve(req)
                 runnable = [w for w in parked if w.pending == req]
         finally:
             self._aborted = True

@@ -46,6 +46,21 @@ def test_act_order_keeps_static_groups_from_the_original_weight():
     assert torch.equal(sol.quantized.scale, int4.quantize(w, 32).scale)  # scales fitted before any update
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_columns_give_the_eager_bits(monkeypatch):
+    w, _, h = _correlated(96, 384, 1024, seed=5)
+    w, h = w.cuda(), h.cuda()
+    for act_order in (True, False):
+        monkeypatch.setattr(gptq, "USE_GRAPHS", False)
+        eager = gptq.solve(w, h, 32, act_order=act_order)
+        monkeypatch.setattr(gptq, "USE_GRAPHS", True)
+        graphed = gptq.solve(w, h, 32, act_order=act_order)
+        assert gptq._graphs.get((96, 128, w.device)) is not None  # the graph did run
+        for a, b in ((eager.quantized.codes, graphed.quantized.codes), (eager.quantized.scale, graphed.quantized.scale)):
+            assert torch.equal(a, b)
+
+
 def test_dead_inputs_are_zeroed_and_singular_hessian_raises_dampening():
     w, x, _ = _correlated(16, 64, 8)  # 8 rows: H has rank 8 of 64
     x[:, 5] = 0
