@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--ranks", default="1", help="comma list of torchrun process counts for nvq (nvfp4)")
     ap.add_argument("--read-threads", default="", help="comma list of NVQ_READ_THREADS values to try (nvfp4)")
     ap.add_argument("--warm", action="store_true", help="also time nvq nvfp4 with the source in the page cache")
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="python of a venv holding llmcompressor 0.14 (its pins differ from nvq's)")
     args = ap.parse_args()
     layers = args.layers or verify_scale.PRESETS[args.preset]["layers"]
     src = args.work / f"{args.preset}-L{layers}" / "bf16"
@@ -125,7 +127,7 @@ def main() -> None:
     size = sum(p.stat().st_size for p in shards)
     py = sys.executable
     rows = {"raw": run_child("raw read (cat)", ["sh", "-c", " ".join(["cat", *map(str, shards), "> /dev/null"])], shards)}
-    probe = subprocess.run([py, "-c", PEER.split("src, out")[0]], capture_output=True, text=True)
+    probe = subprocess.run([args.peer_python, "-c", PEER.split("src, out")[0]], capture_output=True, text=True)
     peer_ok = probe.returncode == 0
     if not peer_ok:
         print(json.dumps({"peer": "not importable", "stderr": probe.stderr[-1500:]}), flush=True)
@@ -163,7 +165,7 @@ def main() -> None:
             dev = "cuda:0" if args.device == "cuda" else "cpu"
             rows[f"peer-{scheme}-w{w}"] = run_child(
                 f"llm-compressor model_free_ptq {PEER_SCHEMES[scheme]} max_workers={w}",
-                [py, "-c", PEER, str(src), str(peer_out), PEER_SCHEMES[scheme], str(w), dev], shards)
+                [args.peer_python, "-c", PEER, str(src), str(peer_out), PEER_SCHEMES[scheme], str(w), dev], shards)
         kept = args.work / f"out-peer-{scheme}-w{args.peer_workers.split(',')[0]}"
         compare[scheme] = same_tensors(out, kept)
         for p in args.work.glob(f"out-*-{scheme}*"):  # disk: the next scheme's outputs need the room
