@@ -37,9 +37,12 @@ import verify_scale  # noqa: E402
 PEER_SCHEMES = {"nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
 PEER = """
 import sys, types
-stand_in = types.ModuleType("datasets")  # only type hints and the calibration path use it
-stand_in.__getattr__ = lambda name: type(name, (), {})
-sys.modules.setdefault("datasets", stand_in)
+try:
+    import datasets  # noqa: F401
+except ImportError:  # only type hints and the calibration path use it: a stand-in will do
+    stand_in = types.ModuleType("datasets")
+    stand_in.__getattr__ = lambda name: type(name, (), {}) if not name.startswith("__") else None
+    sys.modules["datasets"] = stand_in
 import llmcompressor.core.session_functions  # noqa: F401  (import order the package needs)
 from llmcompressor.entrypoints.model_free import model_free_ptq
 src, out, scheme, workers, device = sys.argv[1:6]
