@@ -11,7 +11,7 @@ warnings of transformers, optimum and gptqmodel), loading (transformers' missing
 mismatched keys), config (the quantization config as transformers parsed it, and the
 modules_in_block_to_quantize that optimum applied), kernels ({QuantLinear class: count}),
 dense_linears (nn.Linear modules left unquantized), dtype (of the loaded model), and per prompt
-tokens (greedy, `generate(do_sample=False)`), logprobs[i] (of generated token i) and top[i]
+tokens (greedy, `generate(do_sample=False)`, the prompts in one left-padded batch), logprobs[i] (of generated token i) and top[i]
 (its top-k {id: logprob}), seconds.
 
 The model is loaded the way a user would: `AutoModelForCausalLM.from_pretrained(dir,
@@ -113,20 +113,24 @@ def run_one(req: dict, max_new_tokens: int, dtype: str, top_k: int) -> dict:
                     dense.append(name)
             out["kernels"], out["dense_linears"] = kernels, dense
             out["dtype"] = str(model.dtype).removeprefix("torch.")
-            for prompt in req["prompts"]:
-                ids = torch.tensor([prompt])
-                with torch.no_grad():
-                    gen = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                         do_sample=False, num_beams=1, output_logits=True,
-                                         return_dict_in_generate=True, pad_token_id=0)
-                tokens = gen.sequences[0, len(prompt):].tolist()
+            # one batch, left-padded: each decoding step runs every Linear once for all prompts
+            prompts = req["prompts"]
+            width = max(map(len, prompts))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     output_logits=True, return_dict_in_generate=True,
+                                     pad_token_id=0)
+            for b in range(len(prompts)):
+                tokens = gen.sequences[b, width:].tolist()
                 logprobs, tops = [], []
                 for tok, logits in zip(tokens, gen.logits, strict=True):
-                    lp = torch.log_softmax(logits[0].double(), -1)
+                    lp = torch.log_softmax(logits[b].double(), -1)
                     logprobs.append(lp[tok].item())
                     v, i = lp.topk(top_k)
-                    tops.append({str(a): b for a, b in zip(i.tolist(), v.tolist(), strict=True)})
+                    tops.append({str(t): p for t, p in zip(i.tolist(), v.tolist(), strict=True)})
                 out["results"].append({"tokens": tokens, "logprobs": logprobs, "top": tops})
             out["ok"] = True
             del model
