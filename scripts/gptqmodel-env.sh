@@ -6,7 +6,8 @@
 # It is built in a temporary sibling and renamed last, so an interrupted install leaves nothing.
 #
 # gptqmodel 7.7 needs torch >= 2.14.1; PyPI has only the CUDA build of 2.14.1 (it runs on CPU),
-# so a cold build installs ~6 GB (torch + nvidia-* wheels) and takes ~3 min here.
+# so a cold build installs ~6 GB (torch + nvidia-* wheels): 3 min on an idle 2-core machine,
+# 28 min on a heavily loaded one (measured).
 # gptqmodel 7.7 ships no compiled extension (pure-Python wheel built from its sdist): its kernels
 # are JIT-compiled on first use, and the CPU path used here (the torch dequantizing backend) needs none.
 set -euo pipefail

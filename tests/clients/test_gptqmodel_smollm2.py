@@ -10,8 +10,9 @@ induction that is the reference's own greedy continuation, at one forward per pr
 one per token (nvq's fp32 reference forward costs seconds on CI's CPU).
 
 The peer runs in float32 (`dtype=torch.float32`): gptqmodel's CPU kernel (TorchAtenLinear; no
-AVX512-BF16 here) then dequantizes fp16 scale · (q − z) to fp32, as nvq does, and the texts are
-equal token for token. In the checkpoint's own dtype (bf16, transformers' default) the kernel
+AVX512-BF16 here) then dequantizes scale · (q − z) per call and runs fp32 matmuls, so the texts
+must be equal token for token. This path is slow: it dequantizes every Linear at every decoding
+step (minutes of CPU per checkpoint on a loaded 2-core machine). In the checkpoint's own dtype (bf16, transformers' default) the kernel
 casts the fp16 scales to bf16 (as vLLM does, formats.md §4.4) and runs the fused int4 matmul on
 bf16 activations. Measured on the rtn checkpoint, 32 greedy tokens: "def fibonacci(n):" agrees all
 the way; "The three primary colors are" leaves the reference at token 15 and "Once upon a time,"
