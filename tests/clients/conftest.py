@@ -15,3 +15,16 @@ def vllm_env():
         return vllm_python()
     except RuntimeError as e:
         pytest.skip(f"the vLLM venv (scripts/vllm-env.sh) could not be created: {e}")
+
+
+@pytest.fixture(scope="session")
+def gptqmodel_env():
+    """The transformers + optimum + gptqmodel venv's python (scripts/gptqmodel-env.sh: created on
+    first use, ~6 GB and minutes, then cached); its tests skip, saying why, only when it cannot be
+    created."""
+    from tests.support.gptqmodel_client import gptqmodel_python
+
+    try:
+        return gptqmodel_python()
+    except RuntimeError as e:
+        pytest.skip(f"the gptqmodel venv (scripts/gptqmodel-env.sh) could not be created: {e}")
