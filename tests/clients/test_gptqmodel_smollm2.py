@@ -43,7 +43,7 @@ from tests.support.real_models import smollm2_gguf
 pytestmark = [pytest.mark.gptqmodel, pytest.mark.slow]
 
 PROMPTS = ["The three primary colors are", "Once upon a time,", "def fibonacci(n):"]
-NEW_TOKENS = 32
+NEW_TOKENS = 16  # the fp32 peer dequantizes every Linear at every step: CI time grows with this
 METHODS = {
     "rtn": GPTQSettings(method="rtn", group_size=64),
     # a small calibration set keeps the solver to seconds; act-order with static groups
