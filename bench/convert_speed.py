@@ -103,7 +103,7 @@ def same_tensors(a: Path, b: Path) -> dict:
             if x.shape != y.shape or not x.reshape(-1).view(torch.uint8).equal(y.reshape(-1).view(torch.uint8)):
                 differ.append(name)
     return {"common": len(common), "identical": len(common) - len(differ), "differ": differ[:5],
-            "only_nvq": len(set(ia) - set(ib)), "only_peer": len(set(ib) - set(ia))}
+            "only_nvq": sorted(set(ia) - set(ib))[:5], "only_peer": sorted(set(ib) - set(ia))[:5]}
 
 
 def main() -> None:
