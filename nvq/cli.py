@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from nvq import __version__
-from nvq.errors import NvqError
+from nvq.errors import ConfigError, NvqError
 from nvq.limits import parse_float, parse_int
 
 app = typer.Typer(
@@ -210,19 +210,27 @@ def verify(
     draws: Annotated[int, _int("--draws", help="Expected-noise draws against a lossy oracle (each one more forward).")] = 2,
     teacher_forced: Annotated[bool, typer.Option("--teacher-forced", help="Feed every layer the oracle's input, so each tap shows that layer's own error.")] = False,
     fp64: Annotated[bool, typer.Option("--fp64", help="Run the reference forwards in float64 instead of float32.")] = False,
+    policy: Annotated[Path | None, typer.Option("--policy", help="Release policy (YAML, kept in version control): thresholds and what a passing certificate must show.")] = None,
     serve_as: Annotated[ServeAs, typer.Option("--serve-as", help="Run the candidate as this engine serves it: checkpoint (its own arithmetic), vllm (GPTQ scales in the model dtype), vllm-sm100 (and MXFP4 inputs quantized, Blackwell).")] = ServeAs.checkpoint,
 ) -> None:
     """Certify a checkpoint layer by layer against a GGUF oracle; exit 0 pass, 1 fail, 2 bad input."""
     from nvq import limits, report
+    from nvq.verify.policy import load_policy
     from nvq.verify.run import load_thresholds, run
+    from nvq.verify.serving import SERVINGS
 
     def job():
         limits.check_options({"--tokens": tokens, "--max-tokens": max_tokens, "--sequences": sequences,
                               "--factor": factor, "--draws": draws})
+        rules = load_policy(policy, tuple(SERVINGS)) if policy is not None else None
+        if rules is not None and factor is not None:
+            raise ConfigError(f"--factor and --policy both set thresholds; the policy {policy} is the gate's rule, "
+                              "change it there.")
+        thresholds = load_thresholds(recipe, factor)
         with report.stage_progress(enabled=sys.stderr.isatty()) as progress:
             return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
-                       n_tokens=tokens, max_tokens=max_tokens, device=device.value,
-                       thresholds=load_thresholds(recipe, factor), teacher_forced=teacher_forced,
+                       n_tokens=tokens, max_tokens=max_tokens, device=device.value, policy=rules,
+                       thresholds=rules.apply(thresholds) if rules else thresholds, teacher_forced=teacher_forced,
                        precision="fp64" if fp64 else "fp32", draws=draws, progress=progress,
                        n_sequences=sequences, serve_as=ServeAs(serve_as).value)
 

@@ -84,8 +84,20 @@ def _num(x):
     return x
 
 
-def build(result) -> dict:
-    """The certificate of a `nvq.verify.run.VerifyResult`."""
+def build(result, policy=None) -> dict:
+    """The certificate of a `nvq.verify.run.VerifyResult`, judged also by a release `policy`
+    (nvq.verify.policy.Policy) when given: a requirement not met fails the verdict."""
+    cert = _build(result)
+    if policy is None:
+        return seal(cert)
+    problems = policy.problems(cert)
+    cert["policy"] = policy.section(problems)
+    if problems:
+        cert["verdict"] = "fail"
+    return seal(cert)
+
+
+def _build(result) -> dict:
     c, o, tokens = result.candidate, result.oracle, result.tokens
     logits = {k: _num(result.logits[k]) for k in LOGIT_KEYS if k in result.logits}
     logits["expected"] = {k: _num(v) for k, v in result.logits["expected"].items() if k in LOGIT_KEYS}
@@ -95,7 +107,7 @@ def build(result) -> dict:
     ids = b"".join(s.long().numpy().astype("<i8").tobytes() for s in tokens.sequences)
     pending = getattr(result, "input_hashes", None)
     c_files, o_hash = pending.result() if pending is not None else (file_hashes(c.path), sha256_file(o.path))
-    return seal({
+    return {
         "nvq_version": __version__,
         "verdict": result.verdict,
         "level": result.level,
@@ -141,7 +153,7 @@ def build(result) -> dict:
              "rel_l2": _num(f.rel_l2), "serious": f.serious}
             for f in c.client_findings
         ],
-    })
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +208,10 @@ def to_markdown(cert: dict) -> str:
     ]
     if cert.get("candidate_error"):
         lines.append(f"- the candidate's forward failed: {cert['candidate_error']}")
+    if cert.get("policy"):
+        pol = cert["policy"]
+        lines.append(f"- policy: `{pol['path']}` (sha256 `{pol['sha256'][:16]}…`): "
+                     + ("met" if pol["ok"] else "**not met**: " + " ".join(pol["problems"])))
     lines += ["", "## Logits (llama-perplexity statistics)", "",
               "| statistic | candidate | expected |", "|---|---|---|"]
     for k in ("mean_kld", "kld_p99", "kld_p95", "kld_p90", "kld_median", "kld_max", "top1_agreement", "rms_dp"):
@@ -256,6 +272,8 @@ def to_junit(cert: dict) -> str:
                 where = f" (layer {d['layer']})" if d.get("layer") is not None else ""
                 where += f" (id {d['token_id']})" if d.get("token_id") is not None else ""
                 cases.append((f"nvq.verify.{key}", d["field"] + where, False, d["hint"]))
+    for problem in cert.get("policy", {}).get("problems", []):
+        cases.append(("nvq.verify.policy", problem.split(";")[0], False, problem))
     lg = cert["logits"]
     cases.append(("nvq.verify.logits", "mean_kld", lg["ok"],
                   f"mean KLD {_g(lg.get('mean_kld'))} > limit {_g(lg.get('limit_mean_kld'))}"))

@@ -36,6 +36,7 @@ from nvq.verify.diff import (
 from nvq.verify.engine import stream_verify
 from nvq.verify.noise import DEFAULT_DRAWS, fusion_groups
 from nvq.verify.oracle import DEFAULT_MAX_TOKENS, Oracle, Tokens, load_oracle, token_ids
+from nvq.verify.policy import Policy
 from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
 from nvq.verify.sources import open_candidate
 
@@ -229,6 +230,7 @@ def run(
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
     junit_path: str | Path | None = None,
+    policy: Policy | None = None,
     **options,
 ) -> dict:
     """Verify, then write the certificate files asked for (all or none); returns the certificate."""
@@ -237,7 +239,7 @@ def run(
         refuse_overlap(path, [Path(candidate), Path(oracle)], what=f"--{kind}")
     certificate.check_outputs(list(outputs.values()))
     result = verify(candidate, oracle, **options)
-    cert = certificate.build(result)
+    cert = certificate.build(result, policy)
     renderers = {"json": certificate.to_json, "markdown": certificate.to_markdown, "junit": certificate.to_junit}
     certificate.write_atomically({path: renderers[kind](cert) for kind, path in outputs.items()})
     return cert

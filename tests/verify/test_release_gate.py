@@ -1,6 +1,6 @@
-"""`nvq check` ties a certificate to the exact files it certifies; `nvq diff` names per layer what
-changed between two certificates. Both on real certificates of a tiny Llama against llama.cpp's
-GGUF of it."""
+"""The release gate: `nvq check` ties a certificate to the exact files it certifies, `nvq diff`
+names per layer what changed between two certificates, and `nvq verify --policy` applies the
+rules a repository keeps. All on real certificates of a tiny Llama against llama.cpp's GGUF."""
 
 from __future__ import annotations
 
@@ -126,3 +126,57 @@ def test_diff_names_the_layer_that_got_worse(certified, llama_f32, tiny_gguf, tm
     assert d["changed_files"] == [shard.name] and d["setup"] == []
     text = runner.invoke(app, ["diff", str(cert_a), str(cert_b), "--max-ratio", "2"]).output
     assert "! weight       1  blk.1.ffn_down.weight" in text, text
+
+
+def verify_with_policy(certified, tmp_path, policy_text, *extra):
+    cand, oracle, _ = certified
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text)
+    out = {k: tmp_path / f"cert.{k}" for k in ("json", "md", "xml")}
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(oracle), "--policy", str(policy),
+                                 "--json", str(out["json"]), "--markdown", str(out["md"]), "--junit", str(out["xml"]),
+                                 *extra])
+    return result, out
+
+
+def test_a_policy_that_is_met_passes_and_is_recorded_with_its_thresholds(certified, tmp_path):
+    result, out = verify_with_policy(certified, tmp_path, "thresholds:\n  kld_factor: 3\nrequire:\n"
+                                     "  level: within band\n  min_tokens: 16\n", "--tokens", "32")
+    assert result.exit_code == 0, result.output
+    cert = json.loads(out["json"].read_text())
+    assert cert["policy"]["ok"] and cert["policy"]["problems"] == []
+    assert cert["thresholds"]["kld_factor"] == 3.0 and cert["policy"]["sha256"]
+    assert cert[SELF_HASH] == content_hash(cert)
+    assert "policy: " in out["md"].read_text() and "met" in out["md"].read_text()
+
+
+def test_unmet_requirements_fail_the_verdict_and_are_named(certified, tmp_path):
+    result, out = verify_with_policy(certified, tmp_path, "require:\n  level: bit-exact\n  min_tokens: 1000\n"
+                                     "  serve_as: vllm\n", "--tokens", "32")
+    assert result.exit_code == 1, result.output
+    cert = json.loads(out["json"].read_text())
+    assert cert["verdict"] == "fail" and cert["level"] == "within band"  # the measurement itself passed
+    problems = " ".join(cert["policy"]["problems"])
+    assert "requires level 'bit-exact'" in problems and "at least 1000 tokens; 32 were compared" in problems
+    assert "requires --serve-as vllm" in problems
+    assert out["xml"].read_text().count('classname="nvq.verify.policy"') == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("require:\n  level: perfect\n", "require.level must be one of"),
+    ("thresholds:\n  kld_factor: 0.5\n", "threshold kld_factor must be"),
+    ("thresholds:\n  speed: 2\n", "unknown threshold"),
+    ("require:\n  min_tokens: many\n", "require.min_tokens"),
+    ("oracle: x.gguf\n", "nothing else"),
+    ("a: &x [1]\nb: *x\n", "alias"),
+])
+def test_a_bad_policy_is_bad_input(certified, tmp_path, text, message):
+    result, out = verify_with_policy(certified, tmp_path, text)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out["json"].exists()
+
+
+def test_factor_cannot_override_a_policy(certified, tmp_path):
+    result, _ = verify_with_policy(certified, tmp_path, "thresholds:\n  kld_factor: 2\n", "--factor", "4")
+    assert result.exit_code == 2 and "the gate's rule" in result.output
