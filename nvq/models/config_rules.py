@@ -31,6 +31,9 @@ FIELD_RULES: dict[str, tuple[str, float, float]] = {
     "moe_intermediate_size": (_INT, 0, 1 << 20),
     "vocab_size": (_INT, 1, 1 << 24),
     "num_experts": (_INT, 0, 1 << 14),
+    "num_local_experts": (_INT, 0, 1 << 14),
+    "num_experts_per_tok": (_INT, 0, 1 << 14),
+    "decoder_sparse_step": (_INT, 1, 4096),
     "top_k_experts": (_INT, 0, 1 << 14),
     "num_kv_shared_layers": (_INT, 0, 4096),
     "hidden_size_per_layer_input": (_INT, 0, 1 << 18),
@@ -59,6 +62,8 @@ PAIR_RULES: list[tuple[str, str, Callable[[int, int], bool], str]] = [
     ("num_attention_heads", "num_key_value_heads", lambda a, b: a % b == 0, "a multiple of"),
     ("num_kv_shared_layers", "num_hidden_layers", lambda a, b: a < b, "smaller than"),
     ("top_k_experts", "num_experts", lambda a, b: a <= b, "at most"),
+    ("num_experts_per_tok", "num_experts", lambda a, b: a <= b, "at most"),
+    ("num_experts_per_tok", "num_local_experts", lambda a, b: a <= b, "at most"),
 ]
 
 
@@ -137,6 +142,14 @@ SHAPE_RULES: list[tuple[str, str, int, Callable[[Any, int], int]]] = [
     ("num_experts", "blk.{bid}.ffn_down_exps.weight", 0, lambda c, b: getattr(c, "num_experts", None)),
     ("moe_intermediate_size", "blk.{bid}.ffn_down_exps.weight", 2,
      lambda c, b: getattr(c, "moe_intermediate_size", None)),
+    # Qwen3-MoE: gate and up stacked apart, or one Linear per expert (expert 0 stands for all)
+    *[(field, f"blk.{{bid}}.ffn_{part}_exps.weight", dim, fn)
+      for part in ("gate", "up")
+      for field, dim, fn in (("num_experts", 0, lambda c, b: getattr(c, "num_experts", None)),
+                             ("moe_intermediate_size", 1, lambda c, b: getattr(c, "moe_intermediate_size", None)))],
+    ("moe_intermediate_size", "blk.{bid}.ffn_gate_exps.weight[0]", 0,
+     lambda c, b: getattr(c, "moe_intermediate_size", None)),
+    ("hidden_size", "blk.{bid}.ffn_down_exps.weight[0]", 0, lambda c, b: c.hidden_size),
 ]
 REQUIRED = ("token_embd.weight", "output_norm.weight")
 

@@ -121,10 +121,26 @@ SOURCES: dict[str, dict[str, Source]] = {
     },
 }
 
+# Mistral's GGUF is a llama one, which has no window key: a window difference is a note and the
+# oracle runs with the candidate's window (nvq.models.mistral).
+SOURCES["mistral"] = SOURCES["llama"]
+SOURCES["qwen3"] = {**SOURCES["llama"], "windows": ARCH}  # llama.cpp's qwen3 graph has no window
+SOURCES["qwen3_moe"] = {
+    **SOURCES["qwen3"],
+    "intermediate_size": optional("feed_forward_length"),
+    "num_experts": meta("expert_count"),
+    "top_k": meta("expert_used_count"),
+    "moe_intermediate_size": meta("expert_feed_forward_length"),
+    "norm_topk_prob": ARCH,  # llama.cpp's qwen3moe graph always renormalizes
+    "moe_layers": ARCH,  # every layer is MoE there
+}
+
 # Hugging Face config fields that a parsed config may lack, and transformers' default for each.
 HF_FIELDS = {
-    "tie_word_embeddings": {"llama": False, "gemma3": True, "gemma4": True},
-    "max_position_embeddings": {"llama": 2048, "gemma3": 131072, "gemma4": 131072},
+    "tie_word_embeddings": {"llama": False, "gemma3": True, "gemma4": True, "mistral": False, "qwen3": False,
+                            "qwen3_moe": False},
+    "max_position_embeddings": {"llama": 2048, "gemma3": 131072, "gemma4": 131072, "mistral": 131072,
+                                "qwen3": 32768, "qwen3_moe": 32768},
 }
 _ACTIVATION_FIELDS = frozenset({"hidden_act", "hidden_activation"})
 # The HF config.json spelling of parsed fields whose name differs, for the messages.
