@@ -26,6 +26,8 @@ import torch
 from nvq.models import layers as L
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
+# A per-expert Linear (Qwen3-MoE checkpoints): canonical `blk.N.ffn_gate_exps.weight[E]`.
+_EXPERT_LINEAR = re.compile(r"\[(\d+)\]$")
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,11 @@ class SequentialCapture:
             raise worker.error
 
     def _order(self, req: Request) -> tuple:
-        expert = req.expert is not None
+        # per-expert Linears are visited in expert order too, like the experts of a stack
+        m = _EXPERT_LINEAR.search(req.weight)
+        expert = req.expert if m is None else int(m[1])
         part = 1 if "down" in req.weight else 0
-        return (req.layer, 0 if expert else 1, req.expert or 0, part, self._first_seen[req])
+        return (req.layer, 0 if expert is not None else 1, expert or 0, part, self._first_seen[req])
 
     def _forget_before(self, layer: int) -> None:
         # Every sequence has left the layers before `layer`: their Hessians are no longer needed.
