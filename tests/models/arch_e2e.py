@@ -104,3 +104,13 @@ def nvq_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def from_gguf(suite: ArchSuite) -> Path:
+    """`nvq convert ORACLE.gguf OUT --scheme bf16`: the GGUF back as a dense HF checkpoint."""
+    def make(out: Path) -> Path:
+        result = nvq("convert", suite.oracle(), out, "--scheme", "bf16")
+        assert result.exit_code == 0, result.output
+        return out
+
+    return suite._once("from-gguf", make)

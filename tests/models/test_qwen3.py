@@ -10,7 +10,7 @@ import torch
 
 from nvq.models.layers import Taps
 from nvq.models.load import load_hf
-from tests.models.arch_e2e import ArchSuite, nvq_logits, rel_l2, transformers_logits, worst_tap
+from tests.models.arch_e2e import ArchSuite, from_gguf, nvq_logits, rel_l2, transformers_logits, worst_tap
 from tests.models.hf_compare import by_family, captured_errors, hidden_state_errors, run_hf
 from tests.support.tiny_models import build_tiny_qwen3
 from tests.verify import faults
@@ -89,3 +89,13 @@ def test_qwen3_k_norm_replaced_by_ones_is_localized(suite, tmp_path):
     fd = cert["first_divergence"]
     assert code == 1 and (fd["tap"], fd["layer"], fd["tensor"]) == ("Kcur_normed-1", 1, "blk.1.attn_k_norm.weight")
     assert [w["name"] for w in cert["weights"] if not w["ok"]] == ["blk.1.attn_k_norm.weight"]
+
+
+@pytest.mark.llamacpp
+def test_gguf_converts_back_to_a_checkpoint_transformers_loads(suite):
+    import json
+
+    back = from_gguf(suite)
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    theirs = transformers_logits(back, IDS, dtype=torch.float32)
+    assert rel_l2(theirs, transformers_logits(suite.original(), IDS, dtype=torch.float32)) <= 2e-2  # bf16 weights

@@ -12,7 +12,7 @@ import torch
 from nvq.models.layers import Taps
 from nvq.models.load import load_hf
 from nvq.verify.diff import entry_tap
-from tests.models.arch_e2e import ArchSuite, nvq_logits, rel_l2, transformers_logits, worst_tap
+from tests.models.arch_e2e import ArchSuite, from_gguf, nvq_logits, rel_l2, transformers_logits, worst_tap
 from tests.models.hf_compare import by_family, captured_errors, hidden_state_errors, run_hf
 from tests.support.tiny_models import build_tiny_qwen3_moe
 from tests.verify import faults
@@ -140,3 +140,14 @@ def test_one_expert_gate_scaled_is_localized_to_its_layer_tensor_and_expert(suit
     assert code == 1 and (fd["tap"], fd["layer"], fd["tensor"]) == ("ffn_moe_out-1", 1, "blk.1.ffn_gate_exps.weight")
     assert f"expert {expert}" in (fd["where"] or ""), fd
     assert [w["name"] for w in cert["weights"] if not w["ok"]] == ["blk.1.ffn_gate_exps.weight"]
+
+
+@pytest.mark.llamacpp
+def test_gguf_converts_back_to_a_checkpoint_transformers_loads(suite):
+    # the GGUF's stacks are written one Linear per expert, as transformers stores them
+    import json
+
+    back = from_gguf(suite)
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+    theirs = transformers_logits(back, IDS, dtype=torch.float32)
+    assert rel_l2(theirs, transformers_logits(suite.original(), IDS, dtype=torch.float32)) <= 2e-2  # bf16 weights
