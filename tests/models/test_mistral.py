@@ -14,7 +14,14 @@ import torch
 
 from nvq.models.layers import Taps
 from nvq.models.load import load_hf
-from tests.models.arch_e2e import ArchSuite, from_gguf, nvq_logits, rel_l2, transformers_logits, worst_tap
+from tests.models.arch_e2e import (
+    ArchSuite,
+    from_gguf,
+    nvq_logits,
+    rel_l2,
+    transformers_logits,
+    worst_tap,
+)
 from tests.models.hf_compare import by_family, captured_errors, hidden_state_errors, run_hf
 from tests.support.tiny_models import MISTRAL_WINDOW, build_tiny_mistral
 from tests.verify import faults

@@ -10,7 +10,14 @@ import torch
 
 from nvq.models.layers import Taps
 from nvq.models.load import load_hf
-from tests.models.arch_e2e import ArchSuite, from_gguf, nvq_logits, rel_l2, transformers_logits, worst_tap
+from tests.models.arch_e2e import (
+    ArchSuite,
+    from_gguf,
+    nvq_logits,
+    rel_l2,
+    transformers_logits,
+    worst_tap,
+)
 from tests.models.hf_compare import by_family, captured_errors, hidden_state_errors, run_hf
 from tests.support.tiny_models import build_tiny_qwen3
 from tests.verify import faults

@@ -347,7 +347,6 @@ def _convert_many(script: str, job_dir: str) -> None:
 
     sys.path.insert(0, str(Path(script).parent))
     import convert_hf_to_gguf  # puts its vendored gguf-py on sys.path
-
     from conversion.base import TextModel
 
     default_vocab = TextModel.set_vocab
