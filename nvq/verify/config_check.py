@@ -82,6 +82,9 @@ SOURCES: dict[str, dict[str, Source]] = {
         **_rope("rope", meta("rope.freq_base"), optional("rope.scaling.type"), optional("rope.scaling.factor"),
                 optional("rope.dimension_count"), TENSORS),
         "hidden_act": ARCH,  # SwiGLU with SiLU
+        # Mistral's window: llama GGUFs have no such key and llama.cpp's llama graph attends over
+        # the whole context, so the oracle runs with the candidate's window (nvq.models.mistral)
+        "sliding_window": meta("attention.sliding_window", fallback=None),
     },
     "gemma3": {
         **_COMMON,
@@ -121,10 +124,11 @@ SOURCES: dict[str, dict[str, Source]] = {
     },
 }
 
-# Mistral's GGUF is a llama one, which has no window key: a window difference is a note and the
-# oracle runs with the candidate's window (nvq.models.mistral).
-SOURCES["mistral"] = SOURCES["llama"]
-SOURCES["qwen3"] = {**SOURCES["llama"], "windows": ARCH}  # llama.cpp's qwen3 graph has no window
+SOURCES["mistral"] = SOURCES["llama"]  # llama.cpp converts Mistral as a llama GGUF
+SOURCES["qwen3"] = {
+    **{k: v for k, v in SOURCES["llama"].items() if k != "sliding_window"},
+    "windows": ARCH,  # llama.cpp's qwen3 graph has no sliding window
+}
 SOURCES["qwen3_moe"] = {
     **SOURCES["qwen3"],
     "intermediate_size": optional("feed_forward_length"),

@@ -80,7 +80,7 @@ def test_dense_mistral_verifies_against_the_windowless_llama_gguf_with_the_candi
     assert worst_tap(cert) <= TOL and all(w["ok"] for w in cert["weights"])
     [note] = [c for c in cert["config"] if c["field"] == "sliding_window"]
     assert (note["verdict"], note["candidate"], note["oracle"]) == ("note", MISTRAL_WINDOW, None)
-    assert "the candidate's value is used" in note["hint"]
+    assert "the oracle runs with the candidate's value" in note["hint"]
 
 
 @pytest.mark.llamacpp

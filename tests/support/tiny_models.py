@@ -59,6 +59,8 @@ __all__ = [
     "gemma4_base_text_config",
     "gemma4_text_config_dict",
     "llama_config_dict",
+    "qwen3_config_dict",
+    "qwen3_moe_config_dict",
     "save_random_gemma4",
     "tokenizer_vocab",
 ]
