@@ -76,8 +76,9 @@ ROWS = [
     Row(f"{_EXPERT}.up_proj.weight", "blk.{bid}.ffn_up_exps.weight[{xid}]", Role.LINEAR, "gate_up"),
     Row(f"{_EXPERT}.down_proj.weight", "blk.{bid}.ffn_down_exps.weight[{xid}]", Role.LINEAR),
     # the stacks a GGUF holds, and verify assembles from the per-expert modules
-    Row(f"{_LAYER}.mlp.experts.gate_proj", "blk.{bid}.ffn_gate_exps.weight", Role.EXPERTS_GATE),
-    Row(f"{_LAYER}.mlp.experts.up_proj", "blk.{bid}.ffn_up_exps.weight", Role.EXPERTS_UP),
+    # (expert e's gate and up share one NVFP4 global scale, as the per-expert Linears do)
+    Row(f"{_LAYER}.mlp.experts.gate_proj", "blk.{bid}.ffn_gate_exps.weight", Role.EXPERTS_GATE, "exps_gate_up"),
+    Row(f"{_LAYER}.mlp.experts.up_proj", "blk.{bid}.ffn_up_exps.weight", Role.EXPERTS_UP, "exps_gate_up"),
     Row(f"{_LAYER}.mlp.experts.down_proj", "blk.{bid}.ffn_down_exps.weight", Role.EXPERTS_DOWN),
 ]
 
