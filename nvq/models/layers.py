@@ -271,8 +271,11 @@ class ExpertModules:
 
 def _expert_linear(x: torch.Tensor, stack: ExpertStack | ExpertModules, e: int) -> torch.Tensor:
     """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
-    if isinstance(stack, ExpertModules):
-        return linear(x, stack[e])
+    if isinstance(stack, ExpertModules):  # a weight of its own, observed as expert e
+        w = stack[e]
+        if _observer is not None:
+            _observer(x, w, e)
+        return F.linear(*_served(x, w))
     if _observer is not None:
         _observer(x, stack, e)
     return F.linear(*_served(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e)))
@@ -352,7 +355,7 @@ def moe_glu(
     ffn_gate_exps / ffn_up_exps), or as per-expert Linears (ExpertModules)."""
     fn = activation(act)
     out = torch.zeros_like(x)
-    if _observer is not None and not isinstance(gate, ExpertModules):
+    if _observer is not None:  # every token: the fallback Hessian of rarely routed experts
         _observer(x, gate, ALL_EXPERTS)
         _observer(x, up, ALL_EXPERTS)
     for e in torch.unique(experts).tolist():

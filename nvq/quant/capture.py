@@ -30,6 +30,16 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 _EXPERT_LINEAR = re.compile(r"\[(\d+)\]$")
 
 
+def expert_of(weight: str) -> int | None:
+    m = _EXPERT_LINEAR.search(weight)
+    return None if m is None else int(m[1])
+
+
+def stack_name(weight: str) -> str:
+    """The expert stack a per-expert Linear belongs to (its MoE-input Hessian is kept there)."""
+    return _EXPERT_LINEAR.sub("", weight)
+
+
 @dataclass(frozen=True)
 class Request:
     """One weight to quantize: a 2-D Linear, or expert `expert` of a fused expert stack."""
@@ -121,7 +131,7 @@ class SequentialCapture:
 
     def _observe(self, x: torch.Tensor, weight: torch.Tensor, expert: int | None) -> None:
         worker: _Worker | None = getattr(self._local, "worker", None)
-        name = self.name_of(weight)
+        name = weight.name if isinstance(weight, L.ExpertModules) else self.name_of(weight)
         if worker is None or name is None:
             return
         if expert == L.ALL_EXPERTS:
@@ -187,11 +197,9 @@ class SequentialCapture:
             raise worker.error
 
     def _order(self, req: Request) -> tuple:
-        # per-expert Linears are visited in expert order too, like the experts of a stack
-        m = _EXPERT_LINEAR.search(req.weight)
-        expert = req.expert if m is None else int(m[1])
+        expert = req.expert is not None
         part = 1 if "down" in req.weight else 0
-        return (req.layer, 0 if expert is not None else 1, expert or 0, part, self._first_seen[req])
+        return (req.layer, 0 if expert else 1, req.expert or 0, part, self._first_seen[req])
 
     def _forget_before(self, layer: int) -> None:
         # Every sequence has left the layers before `layer`: their Hessians are no longer needed.
@@ -217,7 +225,7 @@ class SequentialCapture:
                     return
                 req = min({w.pending for w in parked}, key=self._order)
                 self._forget_before(req.layer)
-                self.solve(req, self.hessians.get(req), self.moe_inputs.get(req.weight))
+                self.solve(req, self.hessians.get(req), self.moe_inputs.get(stack_name(req.weight)))
                 self.solved.add(req)
                 runnable = [w for w in parked if w.pending == req]
         finally:
