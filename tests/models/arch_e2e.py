@@ -114,3 +114,26 @@ def from_gguf(suite: ArchSuite) -> Path:
         return out
 
     return suite._once("from-gguf", make)
+
+
+def llamacpp_reads_output(suite: ArchSuite, scheme: str) -> float:
+    """llama.cpp's converter turns nvq's output (bf16 original) into a GGUF. NVFP4 stays NVFP4 there:
+    tests.support.gguf_checks compares every weight with nvq's dequantization (raises on a
+    difference; returns 0). Other schemes are dequantized by the converter: the largest rel-L2
+    between the GGUF's weights (conventions undone) and nvq's own decoding of the output."""
+    from nvq.io.gguf_model import load_canonical
+    from nvq.verify.candidate import load_candidate
+    from tests.support.gguf_checks import check_gguf_against_nvq
+
+    out = suite.converted(scheme, torch.bfloat16)
+    [gguf] = convert_many_to_gguf([(out, suite.root / f"{out.name}.gguf")], "f32",
+                                  sentencepiece_vocab=suite.sentencepiece_vocab)
+    if isinstance(gguf, Exception):
+        raise gguf
+    if scheme == "nvfp4":
+        assert check_gguf_against_nvq(suite.original(torch.bfloat16), out, gguf) > 0
+        return 0.0
+    _, _, theirs = load_canonical(gguf)
+    ours = load_candidate(out).tensors
+    assert set(theirs) == set(ours), set(theirs) ^ set(ours)
+    return max(rel_l2(theirs[n], ours[n]) for n in ours)

@@ -17,6 +17,7 @@ from nvq.models.load import load_hf
 from tests.models.arch_e2e import (
     ArchSuite,
     from_gguf,
+    llamacpp_reads_output,
     nvq_logits,
     rel_l2,
     transformers_logits,
@@ -109,3 +110,9 @@ def test_gguf_converts_back_to_a_checkpoint_transformers_loads(suite):
     ours = transformers_logits(suite.original(), IDS, dtype=torch.float32)
     w = MISTRAL_WINDOW  # within the window the two agree up to bf16 weights; beyond it they do not
     assert rel_l2(theirs[:w], ours[:w]) <= 2e-2 < rel_l2(theirs[w:], ours[w:])
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("scheme", ["nvfp4", "rtn"])  # the converter has no compressed-tensors MXFP4 reader
+def test_llamacpp_converter_reads_the_output_as_nvq_decodes_it(scheme, suite):
+    assert llamacpp_reads_output(suite, scheme) <= 1e-6

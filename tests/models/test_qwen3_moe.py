@@ -15,6 +15,7 @@ from nvq.verify.diff import entry_tap
 from tests.models.arch_e2e import (
     ArchSuite,
     from_gguf,
+    llamacpp_reads_output,
     rel_l2,
     transformers_logits,
     worst_tap,
@@ -159,3 +160,9 @@ def test_gguf_converts_back_to_a_checkpoint_transformers_loads(suite):
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
     theirs = transformers_logits(back, IDS, dtype=torch.float32)
     assert rel_l2(theirs, transformers_logits(suite.original(), IDS, dtype=torch.float32)) <= 2e-2  # bf16 weights
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("scheme", ["nvfp4", "rtn"])  # the converter has no compressed-tensors MXFP4 reader
+def test_llamacpp_converter_reads_the_output_as_nvq_decodes_it(scheme, suite):
+    assert llamacpp_reads_output(suite, scheme) <= 1e-6
