@@ -88,6 +88,21 @@ def expert_weight_gap(out) -> float:
     return max(gaps)
 
 
+def test_mlp_only_layers_run_a_dense_mlp_as_transformers_does(tmp_path):
+    from tests.support import tiny_models
+
+    path = tiny_models._build(
+        "Qwen3MoeForCausalLM", "Qwen3MoeConfig", tmp_path, torch.float32, 1,
+        lambda v: tiny_models.qwen3_moe_config_dict(v) | {"mlp_only_layers": [0]})
+    arch, tensors = load_hf(path)
+    assert arch.config.moe_layers == (False, True) and "blk.0.ffn_gate.weight" in tensors
+    taps = Taps()
+    arch.module.forward(arch.config, tensors, IDS, taps=taps)
+    errs = hidden_state_errors(taps, run_hf(path, IDS), arch.config.num_layers)
+    assert max(errs.values()) <= TOL, errs
+    assert "ffn_out-0" in taps and "ffn_moe_out-1" in taps
+
+
 def test_mxfp4_experts_load_in_transformers_as_nvq_decodes_them(suite):
     out = suite.converted("mxfp4", torch.bfloat16)
     transformers_logits(out, IDS)  # no missing or unexpected keys
