@@ -5,7 +5,8 @@ seen from query q when 0 ≤ q − k < W); `sliding_window: null` (Mistral v0.2 
 causal attention.
 
 llama.cpp disagrees: its converter writes MistralForCausalLM as a `llama` GGUF with no window key,
-and its llama graph attends causally over the whole context. transformers is right (Mistral-7B
+and its llama graph attends causally over the whole context (src/models/llama.cpp builds its
+attention input with `build_attn_inp_kv`, not the sliding-window `_iswa` one; llama-cpp-python 0.3.36). transformers is right (Mistral-7B
 v0.1 was trained with W = 4096), and the two agree only while a sequence is no longer than W.
 nvq follows transformers; verify takes the window from the candidate, because a llama GGUF cannot
 hold one (`ORACLE_MODULE`, and a note in the certificate's config findings).
