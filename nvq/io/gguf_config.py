@@ -205,6 +205,18 @@ def _biases(m: Meta, cfg: dict) -> None:
     cfg["mlp_bias"] = m.has_tensor("blk.0.ffn_up.bias")
 
 
+def _attention_bias(m: Meta, cfg: dict) -> None:
+    cfg["attention_bias"] = m.has_tensor("blk.0.attn_q.bias") or m.has_tensor("blk.0.attn_qkv.bias")
+
+
+def _qwen3_moe(m: Meta, cfg: dict) -> None:
+    # llama.cpp's qwen3moe graph runs every layer as MoE with renormalized top-k weights.
+    cfg["num_experts"] = int(m.scalar("expert_count"))
+    cfg["num_experts_per_tok"] = int(m.scalar("expert_used_count"))
+    cfg["moe_intermediate_size"] = int(m.scalar("expert_feed_forward_length"))
+    cfg["intermediate_size"] = int(m.scalar("feed_forward_length", cfg["moe_intermediate_size"]))
+
+
 def _gemma3_layers(m: Meta, cfg: dict) -> None:
     n = cfg["num_hidden_layers"]
     if m.has("attention.sliding_window_pattern"):
@@ -419,7 +431,31 @@ _GEMMA4 = ArchSpec(
     attn_dims=_gemma4_dims,
 )
 
-SPECS: dict[str, ArchSpec] = {s.gguf_arch: s for s in (_LLAMA, _GEMMA3, _GEMMA4)}
+# Qwen3 uses NEOX RoPE in llama.cpp, so its converter leaves Q/K rows in HF order: no fixes.
+_QWEN3 = ArchSpec(
+    gguf_arch="qwen3",
+    module="qwen3",
+    architecture="Qwen3ForCausalLM",
+    model_type="qwen3",
+    hf_prefix="model.",
+    keys=(*_COMMON_KEYS, Key("feed_forward_length", "intermediate_size")),
+    derived=(_vocab, _tied, _special_ids, _heads, _llama_rope, _attention_bias),
+    constants={"hidden_act": "silu"},
+)
+
+_QWEN3_MOE = ArchSpec(
+    gguf_arch="qwen3moe",
+    module="qwen3_moe",
+    architecture="Qwen3MoeForCausalLM",
+    model_type="qwen3_moe",
+    hf_prefix="model.",
+    keys=_COMMON_KEYS,
+    derived=(_vocab, _tied, _special_ids, _heads, _llama_rope, _attention_bias, _qwen3_moe),
+    # not in the GGUF: llama.cpp's graph hard-codes both (src/models/qwen3moe.cpp)
+    constants={"hidden_act": "silu", "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+)
+
+SPECS: dict[str, ArchSpec] = {s.gguf_arch: s for s in (_LLAMA, _GEMMA3, _GEMMA4, _QWEN3, _QWEN3_MOE)}
 
 
 def spec_for(gf: GGUFFile) -> ArchSpec:

@@ -4,7 +4,8 @@ Streams one canonical tensor (or a few row blocks of it) at a time from `GGUFMod
 canonical name back to its HF name through the architecture module's name table (the causal-LM
 spelling, decoder under "model."), and writes safetensors shards, config.json,
 generation_config.json and tokenizer files rebuilt from the GGUF metadata, all atomically.
-Expert stacks stay fused 3-D, as HF stores them.
+Expert stacks stay fused 3-D where the HF model stores them so (Gemma-4); where it stores one
+Linear per expert (Qwen3-MoE), each expert is written as its own tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
     rows = [(_gguf_regex(r.gguf), r, prefix) for r in table.rows]
     rows += [(_gguf_regex(r.gguf), r, "") for r in table.top_level.values()]
     targets, dropped, unmapped = [], {}, []
-    for unit in model.units:
+    for unit in (u for whole in model.units for u in _per_expert(whole, rows)):
         for regex, row, pre in rows:
             m = regex.fullmatch(unit.canonical)
             if m is None:
@@ -71,7 +72,7 @@ def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
             if reason:
                 dropped[unit.canonical] = reason
             else:
-                hf = pre + (row.hf.format(bid=bid) if bid is not None else row.hf)
+                hf = pre + (row.hf.format(bid=bid, xid=m.groupdict().get("xid")) if bid is not None else row.hf)
                 targets.append(_Target(unit, hf))
             break
         else:
@@ -87,7 +88,18 @@ def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
 
 
 def _gguf_regex(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)"))
+    escaped = re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
+    return re.compile(escaped.replace(re.escape("{xid}"), r"(?P<xid>\d+)"))
+
+
+def _per_expert(unit: Unit, rows) -> list[Unit]:
+    """A GGUF expert stack whose experts the name table names one Linear each (Qwen3-MoE, as
+    transformers writes them) becomes one unit per expert: rows e·n..(e+1)·n of its 2-D view."""
+    if len(unit.shape) != 3 or not any(regex.fullmatch(unit.canonical + "[0]") for regex, _, _ in rows):
+        return [unit]
+    n, first = unit.shape[1], unit.rows[0]
+    return [replace(unit, canonical=f"{unit.canonical}[{e}]", rows=(first + e * n, first + (e + 1) * n),
+                    shape=tuple(unit.shape[1:])) for e in range(unit.shape[0])]
 
 
 def convert_gguf_to_hf(

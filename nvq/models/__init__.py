@@ -16,7 +16,9 @@ from nvq.models.base import NameTable
 # model_type → module of nvq.models holding its config parser, name table and forward.
 REGISTRY = {
     "llama": "llama",
-    "mistral": "llama",
+    "mistral": "mistral",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
     "gemma3": "gemma3",
     "gemma3_text": "gemma3",
     "gemma4": "gemma4",

@@ -20,6 +20,8 @@ class Role(str, Enum):
     LINEAR = "linear"  # 2-D nn.Linear weight: quantizable
     EXPERTS_GATE_UP = "experts_gate_up"  # fused 3-D [E, 2·Ie, H]: gate rows then up rows
     EXPERTS_DOWN = "experts_down"  # fused 3-D [E, H, Ie]
+    EXPERTS_GATE = "experts_gate"  # 3-D [E, Ie, H] of gate rows only (llama.cpp's ffn_gate_exps)
+    EXPERTS_UP = "experts_up"  # 3-D [E, Ie, H] of up rows only (ffn_up_exps)
     EMBEDDING = "embedding"
     LM_HEAD = "lm_head"
     NORM = "norm"
@@ -29,13 +31,15 @@ class Role(str, Enum):
     TOWER = "tower"  # vision / audio towers and their embedders: copied untouched
 
 
-QUANTIZABLE_ROLES = frozenset({Role.LINEAR, Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN})
-EXPERT_ROLES = frozenset({Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN})
+EXPERT_ROLES = frozenset({Role.EXPERTS_GATE_UP, Role.EXPERTS_DOWN, Role.EXPERTS_GATE, Role.EXPERTS_UP})
+QUANTIZABLE_ROLES = frozenset({Role.LINEAR, *EXPERT_ROLES})
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of a name table: HF spelling (after the text prefix) ⇄ canonical GGUF name."""
+    """One line of a name table: HF spelling (after the text prefix) ⇄ canonical GGUF name.
+    `{bid}` stands for the layer; `{xid}` for the expert of a checkpoint that stores each expert
+    as its own Linear (canonical `blk.N.ffn_gate_exps.weight[E]`: expert E of the GGUF stack)."""
 
     hf: str
     gguf: str
@@ -92,7 +96,7 @@ class NameTable:
                 m = regex.fullmatch(rest)
                 if m:
                     bid = int(m.group("bid")) if "bid" in m.groupdict() else None
-                    return _mapped(name, row, bid, arch_config)
+                    return _mapped(name, row, bid, arch_config, m.groupdict().get("xid"))
         return None
 
     def resolve_all(self, names: Iterable[str], arch_config: Any = None) -> list[Mapped]:
@@ -111,15 +115,15 @@ class NameTable:
 
 def _template_regex(template: str) -> re.Pattern[str]:
     escaped = re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
-    return re.compile(escaped)
+    return re.compile(escaped.replace(re.escape("{xid}"), r"(?P<xid>\d+)"))
 
 
-def _mapped(name: str, row: Row, bid: int | None, arch_config: Any) -> Mapped:
+def _mapped(name: str, row: Row, bid: int | None, arch_config: Any, xid: str | None = None) -> Mapped:
     if row.drop_when is not None and bid is not None:
         reason = row.drop_when(arch_config, bid)
         if reason:
             return Mapped(source=name, canonical=None, role=None, bid=bid, dropped=reason)
-    canonical = row.gguf.format(bid=bid) if bid is not None else row.gguf
+    canonical = row.gguf.format(bid=bid, xid=xid) if bid is not None else row.gguf
     module = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
     return Mapped(source=name, canonical=canonical, role=row.role, bid=bid, module=module, fuse=row.fuse)
 

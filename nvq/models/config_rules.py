@@ -34,6 +34,9 @@ FIELD_RULES: dict[str, tuple[str, float, float]] = {
     "vocab_size": (_INT, 1, 1 << 24),
     "vocab_size_per_layer_input": (_INT, 0, 1 << 24),
     "num_experts": (_INT, 0, 1 << 14),
+    "num_local_experts": (_INT, 0, 1 << 14),
+    "num_experts_per_tok": (_INT, 0, 1 << 14),
+    "decoder_sparse_step": (_INT, 1, 4096),
     "top_k_experts": (_INT, 0, 1 << 14),
     "num_kv_shared_layers": (_INT, 0, 4096),
     "hidden_size_per_layer_input": (_INT, 0, 1 << 18),
@@ -62,6 +65,8 @@ PAIR_RULES: list[tuple[str, str, Callable[[int, int], bool], str]] = [
     ("num_attention_heads", "num_key_value_heads", lambda a, b: a % b == 0, "a multiple of"),
     ("num_kv_shared_layers", "num_hidden_layers", lambda a, b: a < b, "smaller than"),
     ("top_k_experts", "num_experts", lambda a, b: a <= b, "at most"),
+    ("num_experts_per_tok", "num_experts", lambda a, b: a <= b, "at most"),
+    ("num_experts_per_tok", "num_local_experts", lambda a, b: a <= b, "at most"),
 ]
 
 
@@ -259,7 +264,23 @@ SHAPE_RULES: list[tuple[str, str, int, Callable[[Any, int], int | None]]] = [
     ("hidden_size", "blk.{bid}.inp_gate.weight", 1, _hidden),
     ("hidden_size", "blk.{bid}.proj.weight", 0, _hidden),
     (_PLE_NAME, "blk.{bid}.proj.weight", 1, _ple),
+    # Qwen3-MoE: gate and up stacked apart [E, Ie, H], or one Linear per expert (expert 0 stands for all)
+    *[(field, f"blk.{{bid}}.ffn_{part}_exps.weight", dim, fn)
+      for part in ("gate", "up")
+      for field, dim, fn in (("num_experts", 0, _experts), ("moe_intermediate_size", 1, _moe),
+                             ("hidden_size", 2, _hidden))],
+    ("moe_intermediate_size", "blk.{bid}.ffn_gate_exps.weight[0]", 0, _moe),
+    ("moe_intermediate_size", "blk.{bid}.ffn_up_exps.weight[0]", 0, _moe),
+    ("hidden_size", "blk.{bid}.ffn_gate_exps.weight[0]", 1, _hidden),
+    ("hidden_size", "blk.{bid}.ffn_down_exps.weight[0]", 0, _hidden),
+    ("moe_intermediate_size", "blk.{bid}.ffn_down_exps.weight[0]", 1, _moe),
 ]
+
+
+def _dense_mlp(c: Any, b: int) -> bool | None:
+    # Qwen3-MoE replaces the dense MLP on its MoE layers; Gemma-4 keeps both
+    moe = getattr(c, "moe_layers", ())
+    return None if moe and moe[b] else True
 
 
 def _kv_tensor(c: Any, b: int, wanted: bool) -> bool | None:
@@ -272,9 +293,8 @@ def _kv_tensor(c: Any, b: int, wanted: bool) -> bool | None:
 PRESENCE_RULES: list[tuple[str, Callable[[Any], Any], str, Callable[[Any, int], bool | None]]] = [
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.attn_q.weight", lambda c, b: True),
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.attn_output.weight", lambda c, b: True),
-    ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.ffn_gate.weight", lambda c, b: True),
-    ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.ffn_up.weight", lambda c, b: True),
-    ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.ffn_down.weight", lambda c, b: True),
+    *[("num_hidden_layers", lambda c: c.num_layers, f"blk.{{bid}}.ffn_{part}.weight", _dense_mlp)
+      for part in ("gate", "up", "down")],
     ("num_hidden_layers", lambda c: c.num_layers, "blk.{bid}.attn_k.weight",
      lambda c, b: None if hasattr(c, "first_kv_shared") else _kv_tensor(c, b, True)),
     # Gemma-4 KV-shared layers own no K/V; every other layer does
@@ -288,9 +308,9 @@ PRESENCE_RULES: list[tuple[str, Callable[[Any], Any], str, Callable[[Any, int], 
     ("num_experts", lambda c: getattr(c, "num_experts", 0), "blk.{bid}.ffn_gate_inp.weight",
      lambda c, b: bool(_experts(c, b))),
     ("num_experts", lambda c: getattr(c, "num_experts", 0), "blk.{bid}.ffn_gate_up_exps.weight",
-     lambda c, b: bool(_experts(c, b))),
+     lambda c, b: bool(_experts(c, b)) if not hasattr(c, "moe_layers") else None),
     ("num_experts", lambda c: getattr(c, "num_experts", 0), "blk.{bid}.ffn_down_exps.weight",
-     lambda c, b: bool(_experts(c, b))),
+     lambda c, b: bool(_experts(c, b)) if not hasattr(c, "moe_layers") else None),
     *[(_PLE_NAME, lambda c: getattr(c, "per_layer_input_size", 0), name, lambda c, b: bool(_ple(c, b)))
       for name in ("per_layer_token_embd.weight", "per_layer_model_proj.weight", "blk.{bid}.inp_gate.weight",
                    "blk.{bid}.proj.weight")],

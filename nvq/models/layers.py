@@ -272,8 +272,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 ExpertStack = torch.Tensor | Callable[[int], torch.Tensor]
 
 
-def _expert_linear(x: torch.Tensor, stack: ExpertStack, e: int) -> torch.Tensor:
+class ExpertModules:
+    """Experts stored one Linear each (`name[e]`, e.g. Qwen3-MoE's per-expert checkpoint tensors),
+    read on use. Each is an ordinary named weight, so the observer sees it as its own Linear."""
+
+    def __init__(self, weights: Weights, name: str) -> None:
+        self.weights, self.name = weights, name
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.weights(f"{self.name}[{e}]")
+
+
+def _expert_linear(x: torch.Tensor, stack: ExpertStack | ExpertModules, e: int) -> torch.Tensor:
     """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
+    if isinstance(stack, ExpertModules):  # a weight of its own, observed as expert e
+        w = stack[e]
+        if _observer is not None:
+            _observer(x, w, e)
+        return F.linear(*_served(x, w))
     if _observer is not None:
         _observer(x, stack, e)
     return F.linear(*_served(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e)))
@@ -330,6 +346,40 @@ def gemma4_route(
     norm = top / top.sum(dim=-1, keepdim=True)
     weights = norm * per_expert_scale.to(ct)[idx]
     return Routing(logits, probs, idx, norm, weights)
+
+
+def softmax_route(x: torch.Tensor, proj: torch.Tensor, top_k: int, normalize: bool) -> Routing:
+    """Qwen3-MoE / Mixtral router: softmax of proj·x over all experts in ≥fp32, top-k, and with
+    `normalize` (HF norm_topk_prob) the k weights renormalized to sum 1."""
+    logits = linear(x, proj)
+    probs = torch.softmax(logits.to(_compute_dtype(x.dtype)), dim=-1)
+    top, idx = torch.topk(probs, top_k, dim=-1)
+    norm = top / top.sum(dim=-1, keepdim=True) if normalize else top
+    return Routing(logits, probs, idx, norm, norm)
+
+
+def moe_glu(
+    x: torch.Tensor,
+    gate: ExpertStack | ExpertModules,
+    up: ExpertStack | ExpertModules,
+    down: ExpertStack | ExpertModules,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    act: str,
+) -> torch.Tensor:
+    """`moe_experts` with gate `[E, Ie, H]` and up `[E, Ie, H]` as separate stacks (llama.cpp's
+    ffn_gate_exps / ffn_up_exps), or as per-expert Linears (ExpertModules)."""
+    fn = activation(act)
+    out = torch.zeros_like(x)
+    if _observer is not None:  # every token: the fallback Hessian of rarely routed experts
+        _observer(x, gate, ALL_EXPERTS)
+        _observer(x, up, ALL_EXPERTS)
+    for e in torch.unique(experts).tolist():
+        tok, slot = torch.nonzero(experts == e, as_tuple=True)
+        xe = x[tok]
+        y = _expert_linear(fn(_expert_linear(xe, gate, e)) * _expert_linear(xe, up, e), down, e)
+        out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+    return out
 
 
 def moe_experts(

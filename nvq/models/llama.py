@@ -1,4 +1,5 @@
-"""Llama-family decoders (llama, mistral-style, SmolLM2): config, name table, reference forward.
+"""Llama-family decoders (llama, SmolLM2; mistral reuses them with its window): config, name
+table, reference forward.
 
 Convention: llama.cpp's converter permutes the rows of attn_q / attn_k from HF's rotate-half
 pairing to interleaved pairing (gemma4.md §8); readers of a GGUF undo it at load. The forward
@@ -49,6 +50,8 @@ class LlamaConfig:
     rope: L.RopeSpec = L.RopeSpec(theta=10000.0)
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False  # informational: the forward uses output.weight if loaded
+    # Keys attend to queries at most this many positions back (Mistral); None = full causal.
+    sliding_window: int | None = None
 
 
 def _rope_spec(cfg: HFConfig) -> L.RopeSpec:
@@ -172,7 +175,7 @@ def _attention(
     tap(f"Qcur-{i}", q.reshape(t, -1))
     tap(f"Kcur-{i}", k.reshape(t, -1))
     tap(f"Vcur-{i}", v.reshape(t, -1))
-    return tap(f"kqv_out-{i}", L.attention(q, k, v, hd**-0.5))
+    return tap(f"kqv_out-{i}", L.attention(q, k, v, hd**-0.5, window=config.sliding_window))
 
 
 def head(config: LlamaConfig, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:

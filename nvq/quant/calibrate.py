@@ -29,7 +29,7 @@ from nvq.models import Architecture
 from nvq.models.base import EXPERT_ROLES
 from nvq.models.load import canonical_names
 from nvq.quant import gptq
-from nvq.quant.capture import Hessian, Request, SequentialCapture
+from nvq.quant.capture import Hessian, Request, SequentialCapture, expert_of, stack_name
 from nvq.quant.offload import DEFAULT_BUDGET, Offload
 from nvq.quant.policy import Plan, Unit
 
@@ -118,7 +118,7 @@ def _requests(plan: Plan, canonical_of: dict[str, str], ckpt: Checkpoint) -> dic
     out: dict[Request, list[Unit]] = {}
     for u in plan.quantized:
         weight = canonical_of[u.source]
-        expert = None
+        expert = expert_of(weight)  # a per-expert Linear (Qwen3-MoE): `…_exps.weight[E]`
         if u.role in EXPERT_ROLES:
             rows_per_expert = ckpt.tensors[u.source].shape[1]
             expert = u.rows[0] // rows_per_expert
@@ -154,7 +154,7 @@ def run_gptq(
     def finish_layers_before(layer: int) -> None:
         for r in sorted((r for r in requests if r.layer < layer and r not in capture.solved),
                         key=lambda r: (r.layer, r.expert or 0, r.weight)):
-            solve(r, None, capture.moe_inputs.get(r.weight))
+            solve(r, None, capture.moe_inputs.get(stack_name(r.weight)))
             capture.solved.add(r)
         for i in range(max(state["layer"], 0), layer):
             if i in report.layers and layer_done:

@@ -40,6 +40,18 @@ from nvq.models import layers as L
 from nvq.quant.offload import Offload
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
+# A per-expert Linear (Qwen3-MoE checkpoints): canonical `blk.N.ffn_gate_exps.weight[E]`.
+_EXPERT_LINEAR = re.compile(r"\[(\d+)\]$")
+
+
+def expert_of(weight: str) -> int | None:
+    m = _EXPERT_LINEAR.search(weight)
+    return None if m is None else int(m[1])
+
+
+def stack_name(weight: str) -> str:
+    """The expert stack a per-expert Linear belongs to (its MoE-input Hessian is kept there)."""
+    return _EXPERT_LINEAR.sub("", weight)
 
 
 @dataclass(frozen=True)
@@ -137,7 +149,7 @@ class SequentialCapture:
 
     def _observe(self, x: torch.Tensor, weight: torch.Tensor, expert: int | None) -> None:
         worker: _Worker | None = getattr(self._local, "worker", None)
-        name = self.name_of(weight)
+        name = weight.name if isinstance(weight, L.ExpertModules) else self.name_of(weight)
         if worker is None or name is None:
             return
         if expert == L.ALL_EXPERTS:
@@ -231,7 +243,7 @@ class SequentialCapture:
 
     def _solve(self, req: Request) -> None:
         self._forget_before(req.layer)
-        self.solve(req, self.hessians.get(req), self.moe_inputs.get(req.weight))
+        self.solve(req, self.hessians.get(req), self.moe_inputs.get(stack_name(req.weight)))
         self.solved.add(req)
 
     def _forget_before(self, layer: int) -> None:

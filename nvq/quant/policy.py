@@ -30,6 +30,8 @@ GPTQ_GROUP_SIZES = (128, 64, 32)  # what Marlin serves (formats.md §4.4), large
 EXPERT_PARTS = {
     Role.EXPERTS_GATE_UP: (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps")),
     Role.EXPERTS_DOWN: (("down_proj", "ffn_down_exps"),),
+    Role.EXPERTS_GATE: (("gate_proj", "ffn_gate_exps"),),
+    Role.EXPERTS_UP: (("up_proj", "ffn_up_exps"),),
 }
 
 

@@ -38,6 +38,7 @@ from nvq.formats.constants import GPTQ_PACK, INT4_SYM_ZERO
 from nvq.io.hf import Checkpoint, HFConfig, load_config
 from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, config_rules, for_config
+from nvq.models.base import NameTable
 from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
 from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
@@ -434,7 +435,7 @@ def open_layout(path: str | Path, serving: Serving = SERVINGS[DEFAULT_SERVING]) 
     pick = READERS[key]
     codec = pick(qc, ckpt.path, serving) if pick else None
     arch = for_config(ckpt.config)
-    hf = _hf_sources(ckpt, codec)
+    hf = _hf_sources(ckpt, codec, arch.table)
     names = canonical_names(ckpt, arch, hf)
     fmt = "dense" if codec is None else f"{key} {codec.scheme.name}"
     lay = Layout(ckpt, arch, codec, fmt, {c: hf[s] for s, c in names.items()})
@@ -474,15 +475,17 @@ def merge_findings(findings: list[ClientFinding]) -> list[ClientFinding]:
 
 
 _EXPERT = re.compile(r"(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<part>[a-z_]+)\.weight")
-# per-expert module suffix → (fused HF name, position in the fused rows, parts in that stack)
-_EXPERT_SLOTS = {
-    hf: ("_".join(p[0].removesuffix("_proj") for p in parts) + "_proj", i, len(parts))
-    for parts in EXPERT_PARTS.values()
-    for i, (hf, _gguf) in enumerate(parts)
-}
+# per-expert module suffix → the stacks it can join: (fused HF name, position in the fused rows,
+# parts in that stack). Gemma-4 stacks gate with up (gate_up_proj); Qwen3-MoE's GGUF keeps them
+# apart (ffn_gate_exps, ffn_up_exps): the name table says which stack exists.
+_EXPERT_SLOTS: dict[str, list[tuple[str, int, int]]] = {}
+for _parts in sorted(EXPERT_PARTS.values(), key=len):
+    for _i, (_hf, _gguf) in enumerate(_parts):
+        _fused = "_".join(p[0].removesuffix("_proj") for p in _parts) + "_proj"
+        _EXPERT_SLOTS.setdefault(_hf, []).append((_fused, _i, len(_parts)))
 
 
-def _hf_sources(ckpt: Checkpoint, codec: Codec | None) -> dict[str, Source]:
+def _hf_sources(ckpt: Checkpoint, codec: Codec | None, table: NameTable | None = None) -> dict[str, Source]:
     """Dense HF-named tensors: quantized modules decode to `<module>.weight`, per-expert modules
     fuse into their stacks."""
     names = set(ckpt.tensors)
@@ -505,20 +508,31 @@ def _hf_sources(ckpt: Checkpoint, codec: Codec | None) -> dict[str, Source]:
                 f"nvq can decode here."
             )
         out[n] = Source(n, Scheme(DENSE_SCHEMES[info.dtype]))
-    _fuse_experts(ckpt.path, out)
+    _fuse_experts(ckpt.path, out, table)
     return out
 
 
-def _fuse_experts(path: Path, out: dict[str, Source]) -> None:
+def _slot(stem: str, part: str, table: NameTable | None) -> tuple[str, int, int] | None:
+    """The stack a per-expert module joins: the first the name table knows (single-part stacks
+    are tried first); without a table, the fused one."""
+    slots = _EXPERT_SLOTS.get(part, [])
+    if table is None:
+        return slots[-1] if slots else None
+    return next((s for s in slots if table.resolve(f"{stem}.{s[0]}") is not None), None)
+
+
+def _fuse_experts(path: Path, out: dict[str, Source], table: NameTable | None = None) -> None:
     groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
+    sizes: dict[str, int] = {}
     for n in list(out):
         m = _EXPERT.fullmatch(n)
-        if not m or m["part"] not in _EXPERT_SLOTS:
+        slot = _slot(m["stem"], m["part"], table) if m else None
+        if slot is None:
             continue
-        fused, slot, _ = _EXPERT_SLOTS[m["part"]]
-        groups.setdefault((m["stem"], fused), {}).setdefault(int(m["e"]), {})[slot] = n
+        fused, i, sizes[fused] = slot
+        groups.setdefault((m["stem"], fused), {}).setdefault(int(m["e"]), {})[i] = n
     for (stem, fused), experts in groups.items():
-        n_parts = next(p for f, _, p in _EXPERT_SLOTS.values() if f == fused)
+        n_parts = sizes[fused]
         name = f"{stem}.{fused}"
         if sorted(experts) != list(range(len(experts))) or any(len(s) != n_parts for s in experts.values()):
             raise CheckpointError(f"{path}: the per-expert modules of '{name}' are incomplete.")

@@ -82,6 +82,9 @@ SOURCES: dict[str, dict[str, Source]] = {
         **_rope("rope", meta("rope.freq_base"), optional("rope.scaling.type"), optional("rope.scaling.factor"),
                 optional("rope.dimension_count"), TENSORS),
         "hidden_act": ARCH,  # SwiGLU with SiLU
+        # Mistral's window: llama GGUFs have no such key and llama.cpp's llama graph attends over
+        # the whole context, so the oracle runs with the candidate's window (nvq.models.mistral)
+        "sliding_window": meta("attention.sliding_window", fallback=None),
     },
     "gemma3": {
         **_COMMON,
@@ -122,10 +125,27 @@ SOURCES: dict[str, dict[str, Source]] = {
     },
 }
 
+SOURCES["mistral"] = SOURCES["llama"]  # llama.cpp converts Mistral as a llama GGUF
+SOURCES["qwen3"] = {
+    **{k: v for k, v in SOURCES["llama"].items() if k != "sliding_window"},
+    "windows": ARCH,  # llama.cpp's qwen3 graph has no sliding window
+}
+SOURCES["qwen3_moe"] = {
+    **SOURCES["qwen3"],
+    "intermediate_size": optional("feed_forward_length"),
+    "num_experts": meta("expert_count"),
+    "top_k": meta("expert_used_count"),
+    "moe_intermediate_size": meta("expert_feed_forward_length"),
+    "norm_topk_prob": ARCH,  # llama.cpp's qwen3moe graph always renormalizes
+    "moe_layers": ARCH,  # every layer is MoE there
+}
+
 # Hugging Face config fields that a parsed config may lack, and transformers' default for each.
 HF_FIELDS = {
-    "tie_word_embeddings": {"llama": False, "gemma3": True, "gemma4": True},
-    "max_position_embeddings": {"llama": 2048, "gemma3": 131072, "gemma4": 131072},
+    "tie_word_embeddings": {"llama": False, "gemma3": True, "gemma4": True, "mistral": False, "qwen3": False,
+                            "qwen3_moe": False},
+    "max_position_embeddings": {"llama": 2048, "gemma3": 131072, "gemma4": 131072, "mistral": 131072,
+                                "qwen3": 32768, "qwen3_moe": 32768},
 }
 _ACTIVATION_FIELDS = frozenset({"hidden_act", "hidden_activation"})
 # The HF config.json spelling of parsed fields whose name differs, for the messages.

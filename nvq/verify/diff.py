@@ -330,7 +330,8 @@ WEIGHT_TAPS: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
         (r"blk\.\d+\.post_ffw_norm_1\..*", ("ffn_mlp",)),
         (r"blk\.\d+\.ffn_gate_inp\..*", ("ffn_moe_logits",)),
         (r"blk\.\d+\.pre_ffw_norm_2\..*", ("ffn_norm_2",)),
-        (r"blk\.\d+\.ffn_(gate_up|down)_exps\..*", ("ffn_moe_out",)),
+        # Gemma-4 stacks gate with up (ffn_gate_up_exps); Qwen3-MoE keeps ffn_gate_exps / ffn_up_exps
+        (r"blk\.\d+\.ffn_(gate_up|gate|up|down)_exps\..*", ("ffn_moe_out",)),
         (r"blk\.\d+\.post_ffw_norm_2\..*", ("ffn_moe",)),
         (r"blk\.\d+\.post_ffw_norm\..*", ("ffn_post_norm",)),
         (r"blk\.\d+\.(inp_gate|proj|post_norm)\..*", ("per_layer_embd_out",)),

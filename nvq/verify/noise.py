@@ -103,8 +103,8 @@ def apply_scheme(
     if w.dim() == 2:
         return fn(w, scheme, groups, global_scale)
     mats = w.reshape(-1, *w.shape[-2:])
-    if groups is None:
-        out = [fn(m, scheme, None, None) for m in mats]
+    if groups is None:  # a per-expert global scale [E, 1]: the expert's gate and up stacks share it
+        out = [fn(m, scheme, None, None if global_scale is None else global_scale[e]) for e, m in enumerate(mats)]
     else:  # [E, parts, K]: each part (gate, up) is its own module with its own g_idx
         parts = groups.reshape(len(mats), -1, groups.shape[-1])
         out = [torch.cat([fn(p, scheme, g, None) for p, g in zip(m.chunk(parts.shape[1]), parts[e], strict=True)])
@@ -174,15 +174,22 @@ def expected_draw(
 
 
 def fusion_scales(originals, schemes, fusion, dtype) -> dict[str, torch.Tensor]:
-    """Fusion group key -> the NVFP4 global scale its 2-D members share (from the group's amax);
-    a group of one keeps the tensor's own scale."""
+    """Fusion group key -> the NVFP4 global scale its members share (from the group's amax); a
+    group of one keeps the tensor's own scale. Members that are expert stacks ([E, N, K], Qwen3-MoE's
+    gate and up) share one scale per expert, [E, 1]."""
     amax: dict[str, list[torch.Tensor]] = {}
     for n, key in fusion.items():
         s = schemes.get(n)
         w = originals.get(n)
-        if w is not None and w.dim() == 2 and s is not None and s.name == "nvfp4" and fits(w, s):
-            amax.setdefault(key, []).append(w.abs().amax())
-    return {k: nvfp4.global_scale(torch.stack(a).amax().to(dtype), dtype) for k, a in amax.items() if len(a) > 1}
+        if w is not None and w.dim() in (2, 3) and s is not None and s.name == "nvfp4" and fits(w, s):
+            amax.setdefault(key, []).append(w.abs().amax() if w.dim() == 2 else w.abs().flatten(1).amax(1))
+    out = {}
+    for k, a in amax.items():
+        if len(a) > 1 and len({t.shape for t in a}) == 1:
+            group = torch.stack(a).amax(0).to(dtype)
+            out[k] = nvfp4.global_scale(group, dtype) if group.dim() == 0 else \
+                torch.stack([nvfp4.global_scale(g, dtype) for g in group])
+    return out
 
 
 def fusion_groups(table, names) -> dict[str, str]:

@@ -80,7 +80,8 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
         raise ConfigError(f"oracle {path} does not exist or is not a file; --oracle takes a .gguf file.")
     gguf = GGUFSource.open(path)
     arch_name, config = gguf.arch_name, gguf.config
-    if arch_name != candidate.arch.name:
+    # a Mistral candidate's GGUF is a llama one: llama.cpp converts it so (nvq.models.mistral)
+    if arch_name != getattr(candidate.arch.module, "ORACLE_MODULE", candidate.arch.name):
         raise ConfigError(
             f"oracle {path} is a {arch_name} model but the candidate {candidate.path} is "
             f"{candidate.arch.name}; verify needs a GGUF of the same model."

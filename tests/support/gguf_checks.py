@@ -51,11 +51,12 @@ def check_gguf_against_nvq(src: Path, nvq_out: Path, gguf_path: Path) -> int:
         if expert is not None:
             e = int(expert)
             w, scale = w[e], scale[e : e + 1]
-            if stem.endswith("ffn_down_exps"):
+            if f"{stem}.scale" in per_expert:  # Gemma-4 only; Qwen3-MoE has no per-expert scale
                 # llama.cpp folds Gemma-4's per_expert_scale into each expert's down-proj scale
                 expected = expected * per_expert[f"{stem}.scale"][e]
         got = w * scale[0]
-        if plan.arch.name == "llama" and stem.split(".")[-1] in ("attn_q", "attn_k"):
+        llama_gguf = getattr(plan.arch.module, "ORACLE_MODULE", plan.arch.name) == "llama"  # Mistral too
+        if llama_gguf and stem.split(".")[-1] in ("attn_q", "attn_k"):
             got = unpermute_llama(got, cfg.num_heads if stem.endswith("attn_q") else cfg.num_kv_heads)
         # gguf multiplies by 1/g (rounded once in fp32) where nvq divides by g: at most 2 ulp apart
         np.testing.assert_allclose(got, expected, rtol=2.4e-7, atol=0, err_msg=u.canonical)

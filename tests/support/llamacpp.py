@@ -200,21 +200,27 @@ def convert_many_to_gguf(
     jobs: list[tuple[str | Path, str | Path]],
     outtype: str = "f32",
     timeout: float = _CONVERT_TIMEOUT_S,
+    sentencepiece_vocab: bool = False,
 ) -> list[Path | RuntimeError]:
     """:func:`convert_to_gguf` of every ``(hf_dir, out_file)`` in one child process.
 
     The converter's imports (torch, transformers) cost more than converting a tiny model, so
     they are paid once. Returns, per job, the GGUF path or a RuntimeError with the converter's
     traceback; one failing job does not stop the others.
+
+    ``sentencepiece_vocab``: model classes that inherit the converter's default vocabulary reader
+    (GPT-2 BPE, which accepts only pre-tokenizers it knows by hash; e.g. Qwen3-MoE) read the
+    checkpoint's ``tokenizer.model`` instead, as the dense Qwen classes already do. Only the
+    vocabulary changes; tensors and hyper-parameters go through the converter untouched.
     """
     if not jobs:
         return []
     script = converter_dir() / "convert_hf_to_gguf.py"
     with tempfile.TemporaryDirectory(prefix="nvq-convert-") as tmp:
         spec = [
-            [str(Path(src).resolve()), str(Path(out).resolve()), outtype] for src, out in jobs
+            [str(Path(src).resolve()), str(Path(out).resolve()), outtype, sentencepiece_vocab] for src, out in jobs
         ]
-        for _, out, _ in spec:
+        for _, out, _, _ in spec:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
         (Path(tmp) / "jobs.json").write_text(json.dumps(spec))
         cmd = [sys.executable, str(Path(__file__).resolve()), "_convert_many", str(script), tmp]
@@ -232,7 +238,7 @@ def convert_many_to_gguf(
             )
         errors = json.loads(results_path.read_text())
     results: list[Path | RuntimeError] = []
-    for (src, out, _), error in zip(spec, errors, strict=True):
+    for (src, out, _, _), error in zip(spec, errors, strict=True):
         if error is None and Path(out).is_file():
             results.append(Path(out))
         else:
@@ -341,9 +347,12 @@ def _convert_many(script: str, job_dir: str) -> None:
 
     sys.path.insert(0, str(Path(script).parent))
     import convert_hf_to_gguf  # puts its vendored gguf-py on sys.path
+    from conversion.base import TextModel
 
+    default_vocab = TextModel.set_vocab
     errors: list[str | None] = []
-    for src, out, outtype in json.loads((Path(job_dir) / "jobs.json").read_text()):
+    for src, out, outtype, sentencepiece in json.loads((Path(job_dir) / "jobs.json").read_text()):
+        TextModel.set_vocab = TextModel._set_vocab_sentencepiece if sentencepiece else default_vocab
         sys.argv = [script, src, "--outfile", out, "--outtype", outtype]
         log = io.StringIO()  # this job's log, for its error message
         handler = logging.StreamHandler(log)

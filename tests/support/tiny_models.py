@@ -51,11 +51,16 @@ __all__ = [
     "build_tiny_gemma3",
     "build_tiny_gemma4",
     "build_tiny_llama",
+    "build_tiny_mistral",
+    "build_tiny_qwen3",
+    "build_tiny_qwen3_moe",
     "build_tokenizer",
     "gemma3_config_dict",
     "gemma4_base_text_config",
     "gemma4_text_config_dict",
     "llama_config_dict",
+    "qwen3_config_dict",
+    "qwen3_moe_config_dict",
     "save_random_gemma4",
     "tokenizer_vocab",
 ]
@@ -300,6 +305,55 @@ def build_tiny_llama(
     _randomize_(model, seed, lambda n: (0.5, 1.5) if _is_norm(n) else None)
     _save(model, out, dtype)
     return out
+
+
+# --------------------------------------------------------------------------
+# Mistral, Qwen3, Qwen3-MoE
+# --------------------------------------------------------------------------
+
+MISTRAL_WINDOW = 8  # shorter than every test sequence, so the window changes the logits
+
+
+def _build(cls_name: str, config_name: str, out_dir, dtype, seed, overrides, sentencepiece=False) -> Path:
+    import transformers
+
+    out = Path(out_dir)
+    vocab = build_tokenizer(out, sentencepiece_model=sentencepiece)
+    cfg = getattr(transformers, config_name)(**overrides(vocab))
+    model = _new_model(getattr(transformers, cls_name), cfg, seed)
+    _randomize_(model, seed, lambda n: (0.5, 1.5) if _is_norm(n) else None)
+    _save(model, out, dtype)
+    return out
+
+
+def build_tiny_mistral(out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """MistralForCausalLM: the tiny Llama's shapes, untied, sliding_window MISTRAL_WINDOW."""
+    return _build("MistralForCausalLM", "MistralConfig", out_dir, dtype, seed,
+                  lambda v: llama_config_dict(v, False) | {"sliding_window": MISTRAL_WINDOW})
+
+
+def qwen3_config_dict(vocab_size: int) -> dict:
+    return llama_config_dict(vocab_size, False) | {"rms_norm_eps": 1e-6}
+
+
+def build_tiny_qwen3(out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Qwen3ForCausalLM: the tiny Llama's shapes plus q/k norms. llama.cpp's Qwen converter reads
+    a SentencePiece tokenizer.model before it tries GPT-2 BPE, so one is written."""
+    return _build("Qwen3ForCausalLM", "Qwen3Config", out_dir, dtype, seed, qwen3_config_dict, sentencepiece=True)
+
+
+def qwen3_moe_config_dict(vocab_size: int) -> dict:
+    return qwen3_config_dict(vocab_size) | dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[],
+    )
+
+
+def build_tiny_qwen3_moe(out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Qwen3MoeForCausalLM: 8 experts of width 64, top-2, renormalized; transformers writes each
+    expert as its own gate/up/down Linear."""
+    return _build("Qwen3MoeForCausalLM", "Qwen3MoeConfig", out_dir, dtype, seed, qwen3_moe_config_dict,
+                  sentencepiece=True)
 
 
 # --------------------------------------------------------------------------

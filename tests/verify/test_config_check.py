@@ -16,7 +16,13 @@ from nvq.cli import app
 from nvq.io.hf import HFConfig
 from nvq.models import for_config
 from nvq.verify import config_check
-from tests.support.tiny_models import gemma3_config_dict, gemma4_text_config_dict, llama_config_dict
+from tests.support.tiny_models import (
+    gemma3_config_dict,
+    gemma4_text_config_dict,
+    llama_config_dict,
+    qwen3_config_dict,
+    qwen3_moe_config_dict,
+)
 from tests.verify import faults
 
 runner = CliRunner()
@@ -164,6 +170,9 @@ TINY_CONFIGS = {
     "llama": {"model_type": "llama", **llama_config_dict(325)},
     "gemma3": {"model_type": "gemma3_text", **gemma3_config_dict(325)},
     "gemma4": {"model_type": "gemma4_text", **gemma4_text_config_dict("moe", 325)},
+    "mistral": {"model_type": "mistral", **llama_config_dict(325), "sliding_window": 8},
+    "qwen3": {"model_type": "qwen3", **qwen3_config_dict(325)},
+    "qwen3_moe": {"model_type": "qwen3_moe", **qwen3_moe_config_dict(325)},
 }
 
 
