@@ -199,6 +199,7 @@ def verify(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the certificate (JSON) to this file.")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Write the certificate as Markdown to this file.")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one testcase per tap and weight) to this file.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report (per-layer plot, logits, inputs) to this file.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Verify on this text instead of the built-in prompts.")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Verify on the text of this file.")] = None,
     tokens: Annotated[int | None, _int("--tokens", help="Verify on N deterministic pseudo-random token ids (no tokenizer needed).")] = None,
@@ -229,7 +230,7 @@ def verify(
         thresholds = load_thresholds(recipe, factor)
         with report.stage_progress(enabled=sys.stderr.isatty()) as progress:
             return run(candidate, oracle, json_out, markdown, junit, prompt=prompt, prompt_file=prompt_file,
-                       n_tokens=tokens, max_tokens=max_tokens, device=device.value, policy=rules,
+                       n_tokens=tokens, max_tokens=max_tokens, device=device.value, policy=rules, html_path=html,
                        thresholds=rules.apply(thresholds) if rules else thresholds, teacher_forced=teacher_forced,
                        precision="fp64" if fp64 else "fp32", draws=draws, progress=progress,
                        n_sequences=sequences, serve_as=ServeAs(serve_as).value)

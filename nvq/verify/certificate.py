@@ -306,7 +306,7 @@ def to_junit(cert: dict) -> str:
 def check_outputs(paths: list[Path]) -> None:
     """Refuse, before any work, outputs that cannot be written: a missing parent or a directory."""
     if len(set(map(str, paths))) != len(paths):
-        raise ConfigError("--json, --markdown and --junit must name different files.")
+        raise ConfigError("--json, --markdown, --junit and --html must name different files.")
     for p in paths:
         if p.is_dir():
             raise ConfigError(f"{p} is a directory; a certificate output must be a file path.")

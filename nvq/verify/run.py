@@ -24,7 +24,7 @@ from nvq.errors import ConfigError, RecipeError
 from nvq.io.output_guard import refuse_overlap
 from nvq.quant.pipeline import resolve_device
 from nvq.quant.recipe import load_recipe, read_recipe_text, safe_yaml
-from nvq.verify import certificate, config_check, findings, tokenizer_check
+from nvq.verify import certificate, config_check, findings, html_report, tokenizer_check
 from nvq.verify.candidate import Candidate
 from nvq.verify.diff import (
     TapDiff,
@@ -231,15 +231,18 @@ def run(
     markdown_path: str | Path | None = None,
     junit_path: str | Path | None = None,
     policy: Policy | None = None,
+    html_path: str | Path | None = None,
     **options,
 ) -> dict:
     """Verify, then write the certificate files asked for (all or none); returns the certificate."""
-    outputs = {k: Path(p) for k, p in (("json", json_path), ("markdown", markdown_path), ("junit", junit_path)) if p}
+    asked = (("json", json_path), ("markdown", markdown_path), ("junit", junit_path), ("html", html_path))
+    outputs = {k: Path(p) for k, p in asked if p}
     for kind, path in outputs.items():  # a certificate must never overwrite what it certifies
         refuse_overlap(path, [Path(candidate), Path(oracle)], what=f"--{kind}")
     certificate.check_outputs(list(outputs.values()))
     result = verify(candidate, oracle, **options)
     cert = certificate.build(result, policy)
-    renderers = {"json": certificate.to_json, "markdown": certificate.to_markdown, "junit": certificate.to_junit}
+    renderers = {"json": certificate.to_json, "markdown": certificate.to_markdown, "junit": certificate.to_junit,
+                 "html": html_report.to_html}
     certificate.write_atomically({path: renderers[kind](cert) for kind, path in outputs.items()})
     return cert

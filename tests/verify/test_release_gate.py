@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from nvq import __version__
 from nvq.cli import app
 from nvq.verify.certificate import SELF_HASH, content_hash
+from tests.support.png import read_png
 
 pytestmark = pytest.mark.llamacpp
 runner = CliRunner()
@@ -180,3 +182,32 @@ def test_a_bad_policy_is_bad_input(certified, tmp_path, text, message):
 def test_factor_cannot_override_a_policy(certified, tmp_path):
     result, _ = verify_with_policy(certified, tmp_path, "thresholds:\n  kld_factor: 2\n", "--factor", "4")
     assert result.exit_code == 2 and "the gate's rule" in result.output
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0", "--window-size=1100,1500"]
+
+
+def test_the_html_report_is_self_contained_and_renders_its_plot_in_chromium(certified, tmp_path):
+    cand, oracle, _ = certified
+    page = tmp_path / "report.html"
+    result = runner.invoke(app, ["verify", str(cand), "--oracle", str(oracle), "--html", str(page), "--tokens", "32"])
+    assert result.exit_code == 0, result.output
+    text = page.read_text()
+    assert "<svg" in text and "<polyline" in text and "PASS" in text
+    assert "<script" not in text and " src=" not in text and " href=" not in text  # nothing to fetch
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed (Debian package chromium; .ci/run installs it)"
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.exists(), run.stderr[-2000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    width, height, n, pixels = read_png(shot.read_bytes())
+    blue = sum(1 for i in range(0, len(pixels), n)
+               if abs(pixels[i] - 0x1F) < 24 and abs(pixels[i + 1] - 0x77) < 24 and abs(pixels[i + 2] - 0xB4) < 24)
+    assert blue > 200, f"the taps' line is not drawn ({blue} pixels of its colour in {width}×{height})"
+    dark = sum(1 for i in range(0, len(pixels), n) if pixels[i] + pixels[i + 1] + pixels[i + 2] < 200)
+    assert dark > 2000, "the page's text did not render"
