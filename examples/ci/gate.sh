@@ -12,7 +12,7 @@
 #   NVQ_BASELINE   the last release's certificate.json, for nvq diff
 #   NVQ_MAX_RATIO  per-layer growth that counts as a regression (default 1.5)
 #   NVQ_VERIFY_ARGS  extra arguments for nvq verify (e.g. "--tokens 256 --device cuda")
-#   ARTIFACTS      where the certificate, report and JUnit go (default nvq-artifacts)
+#   ARTIFACTS      where the certificate, the HTML report and JUnit go (default nvq-artifacts)
 # Exit: 0 release may go, 1 the gate failed (certificate, check or regression), 2 bad input.
 set -uo pipefail
 
@@ -33,7 +33,8 @@ fi
 
 # shellcheck disable=SC2086  # NVQ_VERIFY_ARGS is a list of arguments
 step "$nvq" verify "$candidate" --oracle "$oracle" ${policy:+--policy "$policy"} ${NVQ_VERIFY_ARGS:-} \
-  --json "$artifacts/certificate.json" --markdown "$artifacts/certificate.md" --junit "$artifacts/junit.xml"
+  --json "$artifacts/certificate.json" --markdown "$artifacts/certificate.md" --junit "$artifacts/junit.xml" \
+  --html "$artifacts/report.html"
 verdict=$?
 [[ $verdict -eq 2 ]] && exit 2
 

@@ -49,7 +49,8 @@ def test_the_gate_passes_a_good_release_and_fails_a_damaged_one(llama_f32, tiny_
     good = gate(tmp_path / "a", tmp_path / "release", oracle, NVQ_SOURCE=str(llama_f32))
     assert good.returncode == 0, good.stderr[-3000:]
     art = tmp_path / "a" / "artifacts"
-    assert sorted(p.name for p in art.iterdir()) == ["certificate.json", "certificate.md", "convert.json", "junit.xml"]
+    assert sorted(p.name for p in art.iterdir()) == ["certificate.json", "certificate.md", "convert.json", "junit.xml",
+                                                     "report.html"]
     assert "::group::" in good.stderr and "ok: " in good.stdout
 
     damaged = tmp_path / "damaged"
