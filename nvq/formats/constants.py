@@ -6,7 +6,6 @@ References are to the spec formats.md ("§" below).
 # --- E2M1 (FP4) element, §0.1 ------------------------------------------------------------
 E2M1_MAX = 6.0  # largest magnitude, code 0x7 / 0xF
 E2M1_SIGN_BIT = 0x8  # bit 3 of the nibble
-E2M1_MAGNITUDE_MASK = 0x7  # bits 2..0 of the nibble
 NIBBLE_MASK = 0x0F  # one 4-bit code
 NIBBLE_SHIFT = 4  # the second code of a byte sits in bits 7..4
 
@@ -21,8 +20,6 @@ E2M1_RNE_TIES_UP = (0.75, 1.75, 3.5)
 # --- FP8 E4M3FN scale, §0.3 ----------------------------------------------------------------
 FP8_E4M3_MAX = 448.0  # byte 0x7E
 FP8_E4M3_MIN_SUBNORMAL = 2.0**-9  # 0.001953125, byte 0x01
-FP8_E4M3_MIN_NORMAL = 2.0**-6  # 0.015625, byte 0x08
-FP8_E4M3_NAN_BYTE = 0x7F  # S.1111.111 (0xFF is the negative NaN)
 
 # --- UE4M3 (GGUF NVFP4 sub-block scale), §0.3 / §3.4 ----------------------------------------
 UE4M3_BIAS = 7
@@ -37,8 +34,6 @@ E8M0_BIAS = 127  # value = 2^(byte - 127)
 E8M0_MAX_BYTE = 255  # 0xFF is NaN in OCP MX v1.0
 E8M0_NAN_BYTE = 0xFF
 E2M1_MAX_EXPONENT = 2  # floor(log2(E2M1_MAX)), the "-2" of §2a step 3 and §2c step 1
-# §2a step 2: a block amax 1.f x 2^E rounds up to 2^(E+1) when 1.f >= 1.75
-EVEN_BUMP_MANTISSA = 1.75
 
 # --- NVFP4, §1 and §3 -----------------------------------------------------------------------
 NVFP4_BLOCK = 16  # elements per FP8 block scale
@@ -52,16 +47,11 @@ GLOBAL_SCALE_FALLBACK = 1.0  # §1.2 step 3: nan_to_num(g, nan=1, +-inf=1)
 MXFP4_BLOCK = 32  # elements per E8M0 scale
 
 # --- GGUF block layouts (ggml types), §2c and §3.4 ----------------------------------------------
-GGML_TYPE_MXFP4 = 39
-GGML_TYPE_NVFP4 = 40
 GGUF_MXFP4_BLOCK = (32, 17)  # (elements, bytes): [e8m0][16 bytes of nibbles]
 GGUF_NVFP4_BLOCK = (64, 36)  # (elements, bytes): [4 x ue4m3][32 bytes of nibbles]
 GGUF_NVFP4_SUB_BLOCKS = 4  # 16-element sub-blocks per 64-element super-block
 GGUF_NVFP4_HALF_SUB_BLOCK = 8  # qs[8s+j] = code(16s+j) | code(16s+8+j) << 4
 GGUF_MXFP4_HALF_BLOCK = 16  # qs[j] = code(j) | code(j+16) << 4
-
-# --- Input dtypes the reference codecs accept ------------------------------------------------
-SUPPORTED_DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 # --- GPTQ int4, §4 --------------------------------------------------------------------------
 INT4_MAXQ = 15  # codes 0..15

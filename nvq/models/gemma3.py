@@ -43,7 +43,6 @@ from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 
-NORM_SHIFT = 1.0
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 

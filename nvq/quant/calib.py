@@ -27,7 +27,6 @@ CORPUS = "calibration.txt"
 class CalibrationSet:
     sequences: list[torch.Tensor]  # int64 [L] each
     source: str
-    corpus_tokens: int  # tokens in the whole corpus
     overlap: bool  # windows share tokens (the corpus is shorter than N·L)
 
     @property
@@ -74,4 +73,4 @@ def calibration_set(
         )
     stream = torch.tensor(ids, dtype=torch.long)
     seqs = windows(stream, n_samples, seq_len)
-    return CalibrationSet(seqs, source, stream.numel(), n_samples * seq_len > stream.numel())
+    return CalibrationSet(seqs, source, n_samples * seq_len > stream.numel())
