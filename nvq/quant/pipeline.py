@@ -206,12 +206,13 @@ def convert(
         serving_notes=serving_notes(scheme, ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
     )
     tick = progress or (lambda n, name: None)
-    streamed = [g for g in plan.groups() if gptq is None or g[0].scheme is None]
-    mine = [g for g, r in zip(streamed, dist.split_by_size([_group_bytes(ckpt, g) for g in streamed], world.size),
-                              strict=True) if r == world.rank]
+    # Ranks split whole runs (a group, or an MoE stack's consecutive experts) so batches stay whole.
+    runs = _expert_runs(ckpt, [g for g in plan.groups() if gptq is None or g[0].scheme is None])
+    owners = dist.split_by_size([sum(_group_bytes(ckpt, g) for g in run) for run in runs], world.size)
+    mine = [run for run, r in zip(runs, owners, strict=True) if r == world.rank]
     with _shared_output_dir(world, out, force, replace_any, ckpt.input_paths()) as tmp:
         outputs = plan.output_tensors()
-        owned = {t.name for g in mine for u in g for t in _unit_outputs(plan, u)}
+        owned = {t.name for run in mine for g in run for u in g for t in _unit_outputs(plan, u)}
         if gptq is not None and world.is_main:  # GPTQ calibrates on rank 0 (one forward, in order)
             owned |= {t.name for u in plan.quantized for t in _unit_outputs(plan, u)}
         if world.is_main:
@@ -312,13 +313,14 @@ def _convert_gguf(src, out, dtype: str, force: bool, replace_any: bool, max_shar
     )
 
 
-def _stream_groups(ckpt: Checkpoint, groups: list[list[Unit]], writer: ShardedWriter, dev: torch.device,
+def _stream_groups(ckpt: Checkpoint, runs: list[list[list[Unit]]], writer: ShardedWriter, dev: torch.device,
                    tick: Progress, summary: ConvertSummary) -> None:
-    """Every group through the pipeline: reads run ahead on reader threads (into page-locked
-    buffers when quantizing on a GPU), the device quantizes, the writer thread writes behind."""
+    """Every run of groups through the pipeline: reads run ahead on reader threads (into
+    page-locked buffers when quantizing on a GPU), the device quantizes, the writer thread
+    writes behind."""
     on_gpu = dev.type == "cuda"
     work = [_ExpertRunWork(ckpt, run, on_gpu) if len(run) > 1 else _GroupWork(ckpt, run[0], on_gpu)
-            for run in _expert_runs(ckpt, groups)]
+            for run in runs]
     reads = (r for w in work for r in w.reads())
     with ChunkReader(reads, pin=on_gpu) as reader, AsyncWriter(writer) as sink:
         for w in work:
