@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU-machine session for the kernels: environment, build, bench/kernels.py, the CUDA tests and
+# One run on a GPU machine for the kernels: environment, build, bench/kernels.py, the CUDA tests and
 # an Nsight Compute profile, each logged under $OUT (default ./out). From the repository root:
 #     bash bench/h200_kernels.sh
 set -uo pipefail
