@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Blame:
     pattern: str  # full match on the canonical weight name
-    taps: tuple[str, ...]  # tap families (name without "-N") it feeds; the earliest in graph order wins
+    # tap families (names without "-N") it feeds; the earliest in graph order wins
+    taps: tuple[str, ...]
     regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -51,4 +52,3 @@ MOE_BLAME = (
     Blame(r"blk\.\d+\.ffn_gate_inp\..*", ("ffn_moe_logits",)),
     Blame(r"blk\.\d+\.ffn_(gate_up|gate|up|down)_exps\..*", ("ffn_moe_out",)),
 )
-

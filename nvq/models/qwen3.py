@@ -27,16 +27,17 @@ Taps (llama.cpp graph names, src/models/qwen3.cpp), each `[T, features]`:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from nvq.io import gguf_config as G
 from nvq.io.hf import HFConfig
 from nvq.models import layers as L
+from nvq.models import llama
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 from nvq.models.blame import COMMON_BLAME, QK_NORM_BLAME
-from nvq.models.llama import _rope_spec, gguf_rope
+from nvq.models.llama import _rope_spec
 
 SLIDING = "sliding_attention"
 
@@ -136,14 +137,14 @@ def gguf_attention_bias(m: G.Meta, cfg: dict) -> None:
 
 
 GGUF_ARCH = "qwen3"
-# Qwen3 uses NEOX RoPE in llama.cpp, so its converter leaves Q/K rows in HF order: no fixes.
-GGUF_SPEC = G.ArchSpec(
+# Llama's, but llama.cpp's qwen3 graph uses NEOX RoPE, so its converter leaves Q/K rows in HF order
+# (no fixes), and only attention has biases.
+GGUF_SPEC = replace(
+    llama.GGUF_SPEC,
     architecture="Qwen3ForCausalLM",
     model_type="qwen3",
-    hf_prefix="model.",
-    keys=(*G.COMMON_KEYS, G.Key("feed_forward_length", "intermediate_size")),
-    derived=(*G.COMMON_DERIVED, G.head_counts, gguf_rope, gguf_attention_bias),
-    constants={"hidden_act": "silu"},
+    derived=(*G.COMMON_DERIVED, G.head_counts, llama.gguf_rope, gguf_attention_bias),
+    fixes=(),
 )
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nvq.formats import nvfp4
-from nvq.models import llama
+from nvq.models import llama, qwen3_moe
 from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage
 from nvq.verify.diff import (
@@ -148,6 +148,21 @@ def test_entry_taps():
     assert entry_tap("blk.1.layer_output_scale.weight", order, llama.BLAME) == "l_out-1"  # fallback
     assert entry_tap("token_embd.weight", order, llama.BLAME) == "embd"
     assert entry_tap("output.weight", order, llama.BLAME) == "result_output"
+
+
+MOE_ORDER = ["attn_norm-1", "ffn_norm-1", "ffn_moe_logits-1", "ffn_moe_probs-1", "ffn_moe_out-1", "l_out-1",
+             "result_norm", "result_output"]
+
+
+@pytest.mark.parametrize("stack", ["ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight",
+                                   "ffn_gate_exps.weight[5]"])
+def test_a_failing_qwen3_moe_expert_stack_is_blamed_at_the_moe_output(stack):
+    taps = [tap(n, 0.0) for n in MOE_ORDER]
+    bad = [WeightDiff(f"blk.1.{stack}", 1, "nvfp4", 0.9, 0.1, 0.3, False, "expert 5 differs")]
+    fd = first_divergence(taps, bad, MOE_ORDER, qwen3_moe.BLAME)
+    assert (fd["tap"], fd["tensor"], fd["hint"]) == ("ffn_moe_out-1", f"blk.1.{stack}", "expert 5 differs")
+    # blame rows are the architecture's: a dense model's rows know no expert stack
+    assert first_divergence(taps, bad, MOE_ORDER, llama.BLAME)["tap"] == "l_out-1"
 
 
 def test_first_divergence_takes_the_earliest_of_taps_and_weights():
