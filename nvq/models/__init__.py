@@ -25,7 +25,7 @@ from nvq.models.blame import Blame
 from nvq.models.protocol import ArchModule, ProtocolError, check
 
 # Modules of this package that serve every architecture.
-SHARED_MODULES = frozenset({"base", "blame", "config_rules", "layers", "load", "protocol"})
+SHARED_MODULES = frozenset({"base", "blame", "config_rules", "gguf_fields", "layers", "load", "protocol"})
 
 ARCHITECTURES: dict[str, ArchModule] = {}  # module name → module
 REGISTRY: dict[str, str] = {}  # model_type (aliases included) → module name

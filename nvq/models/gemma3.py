@@ -44,6 +44,7 @@ from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 from nvq.models.blame import COMMON_BLAME, QK_NORM_BLAME, SANDWICH_BLAME
+from nvq.models.gguf_fields import ARCH, COMMON_FIELDS, meta, optional, rope_fields
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -160,6 +161,25 @@ TABLE = NameTable(
 IGNORE_PATTERNS = (r"re:.*vision_tower.*", r"re:.*multi_modal_projector.*")
 MODEL_TYPES = ("gemma3", "gemma3_text")
 BLAME = (*COMMON_BLAME, *QK_NORM_BLAME, *SANDWICH_BLAME)
+# where the GGUF holds each parsed config field (nvq.models.gguf_fields)
+GGUF_FIELDS = {
+    **COMMON_FIELDS,
+    "num_kv_heads": meta("attention.head_count_kv"),
+    "head_dim": meta("attention.key_length"),
+    "intermediate_size": meta("feed_forward_length"),
+    "layer_types": meta("attention.sliding_window_pattern"),  # absent: every 6th layer full
+    "sliding_window": meta("attention.sliding_window"),
+    # rope.scaling.* applies to the full-attention layers only (gemma4.md §8)
+    **rope_fields("rope_sliding", meta("rope.freq_base_swa"), ARCH, ARCH, ARCH, ARCH),
+    **rope_fields("rope_full", meta("rope.freq_base"), optional("rope.scaling.type"),
+                  optional("rope.scaling.factor"), ARCH, ARCH),
+    "query_pre_attn_scalar": ARCH,  # 1/√head_dim, 1/√(H/Hq) on the 62-layer 27B
+    "attn_logit_softcapping": ARCH,  # llama.cpp's gemma3 graph has none
+    "final_logit_softcapping": optional("final_logit_softcapping"),  # absent: 0 = none
+    "hidden_activation": ARCH,  # GeGLU with tanh GELU
+}
+# transformers' defaults of HF config fields the parsed config may lack
+HF_DEFAULTS = {"tie_word_embeddings": True, "max_position_embeddings": 131072}
 
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata → HF config

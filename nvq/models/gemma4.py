@@ -52,6 +52,7 @@ from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 from nvq.models.blame import COMMON_BLAME, MOE_BLAME, QK_NORM_BLAME, SANDWICH_BLAME, Blame
 from nvq.models.gemma3 import embed_scale_value
+from nvq.models.gguf_fields import ARCH, COMMON_FIELDS, TENSORS, meta, optional, rope_fields
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -274,6 +275,30 @@ BLAME = (
     Blame(r"blk\.\d+\.post_ffw_norm_2\..*", ("ffn_moe",)),
     Blame(r"blk\.\d+\.(inp_gate|proj|post_norm)\..*", ("per_layer_embd_out",)),
 )
+# where the GGUF holds each parsed config field (nvq.models.gguf_fields)
+GGUF_FIELDS = {
+    **COMMON_FIELDS,
+    "intermediate_size": meta("feed_forward_length"),
+    "layer_types": meta("attention.sliding_window_pattern"),
+    "head_dim": meta("attention.key_length_swa", "attention.key_length"),
+    "num_kv_heads": meta("attention.head_count_kv"),
+    "has_v_proj": TENSORS,  # k_eq_v: a non-shared full layer without attn_v
+    "mlp_width": meta("feed_forward_length"),
+    "first_kv_shared": meta("attention.shared_kv_layers"),
+    "per_layer_input_size": meta("embedding_length_per_layer_input"),
+    "vocab_size_per_layer_input": TENSORS,  # per_layer_token_embd rows
+    "num_experts": optional("expert_count"),
+    "top_k_experts": optional("expert_used_count"),
+    "moe_intermediate_size": optional("expert_feed_forward_length"),
+    "sliding_window": meta("attention.sliding_window"),
+    **rope_fields("rope_sliding", meta("rope.freq_base_swa"), ARCH, ARCH, ARCH, ARCH),
+    # proportional RoPE: rope_freqs holds 1.0 for the rotated pairs (gemma4.md §4.1)
+    **rope_fields("rope_full", meta("rope.freq_base"), ARCH, ARCH, TENSORS, ARCH),
+    "final_logit_softcapping": meta("final_logit_softcapping", fallback=30.0),
+    "hidden_activation": ARCH,  # GeGLU with tanh GELU
+}
+# transformers' defaults of HF config fields the parsed config may lack
+HF_DEFAULTS = {"tie_word_embeddings": True, "max_position_embeddings": 131072}
 
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata → HF config

@@ -37,6 +37,7 @@ from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 from nvq.models.blame import COMMON_BLAME
+from nvq.models.gguf_fields import ARCH, COMMON_FIELDS, TENSORS, meta, optional, rope_fields
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,21 @@ GGUF_SPEC = G.ArchSpec(
 )
 
 BLAME = COMMON_BLAME
+# where the GGUF holds each parsed config field (nvq.models.gguf_fields)
+GGUF_FIELDS = {
+    **COMMON_FIELDS,
+    "num_kv_heads": meta("attention.head_count_kv"),
+    "head_dim": meta("attention.key_length"),
+    "intermediate_size": meta("feed_forward_length"),
+    **rope_fields("rope", meta("rope.freq_base"), optional("rope.scaling.type"), optional("rope.scaling.factor"),
+                  optional("rope.dimension_count"), TENSORS),
+    "hidden_act": ARCH,  # SwiGLU with SiLU
+    # Mistral's window: llama GGUFs have no such key and llama.cpp's llama graph attends over
+    # the whole context, so the oracle runs with the candidate's window (nvq.models.mistral)
+    "sliding_window": meta("attention.sliding_window", fallback=None),
+}
+# transformers' defaults of HF config fields the parsed config may lack
+HF_DEFAULTS = {"tie_word_embeddings": False, "max_position_embeddings": 2048}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ MODEL_TYPES = ("mistral",)
 TABLE = llama.TABLE
 IGNORE_PATTERNS = llama.IGNORE_PATTERNS
 BLAME = llama.BLAME
+GGUF_FIELDS = llama.GGUF_FIELDS
+HF_DEFAULTS = {"tie_word_embeddings": False, "max_position_embeddings": 131072}
 # llama.cpp converts Mistral to a llama GGUF, which nvq.models.llama reads back (as LlamaForCausalLM)
 GGUF_ARCH = llama.GGUF_ARCH
 GGUF_SPEC = None

@@ -19,6 +19,7 @@ from nvq.io.gguf_config import ArchSpec
 from nvq.io.hf import HFConfig
 from nvq.models.base import NameTable
 from nvq.models.blame import Blame
+from nvq.models.gguf_fields import Source
 from nvq.models.layers import Observer, Taps
 
 
@@ -48,6 +49,8 @@ class ArchModule(Protocol):
     BLAME: tuple[Blame, ...]  # canonical weight → the taps it feeds first (verify's diff)
     GGUF_ARCH: str  # general.architecture of the GGUF llama.cpp's converter writes for it
     GGUF_SPEC: ArchSpec | None  # GGUF metadata → HF config; None: another module reads that GGUF
+    GGUF_FIELDS: Mapping[str, Source]  # parsed config field → where the GGUF holds it (verify)
+    HF_DEFAULTS: Mapping[str, Any]  # transformers' defaults of HF fields the parsed config lacks
     parse_config: Callable[[HFConfig], Any]  # the module's config dataclass
     # stepwise: yields layers.EMBEDDED, then i after `l_out-i`; returns `result_norm`
     forward_layers: Forward
@@ -97,6 +100,14 @@ MEMBERS = (
         "GGUF_SPEC",
         lambda v: v is None or isinstance(v, ArchSpec),
         "a nvq.io.gguf_config.ArchSpec or None",
+    ),
+    Member(
+        "GGUF_FIELDS",
+        lambda v: isinstance(v, Mapping) and all(isinstance(s, Source) for s in v.values()),
+        "a mapping of config field → nvq.models.gguf_fields.Source",
+    ),
+    Member(
+        "HF_DEFAULTS", lambda v: isinstance(v, Mapping), "a mapping of HF config field → default"
     ),
     Member("parse_config", _takes("cfg"), "a function parse_config(cfg)"),
     Member(

@@ -37,6 +37,7 @@ from nvq.models import layers as L
 from nvq.models import llama
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
 from nvq.models.blame import COMMON_BLAME, QK_NORM_BLAME
+from nvq.models.gguf_fields import ARCH
 from nvq.models.llama import _rope_spec
 
 SLIDING = "sliding_attention"
@@ -126,6 +127,11 @@ TABLE = NameTable(rows=[*ATTENTION_ROWS, *MLP_ROWS], text_prefixes=("model.",), 
 IGNORE_PATTERNS: tuple[str, ...] = ()
 MODEL_TYPES = ("qwen3",)
 BLAME = (*COMMON_BLAME, *QK_NORM_BLAME)
+GGUF_FIELDS = {
+    **{k: v for k, v in llama.GGUF_FIELDS.items() if k != "sliding_window"},
+    "windows": ARCH,  # llama.cpp's qwen3 graph has no sliding window
+}
+HF_DEFAULTS = {"tie_word_embeddings": False, "max_position_embeddings": 32768}
 
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata → HF config

@@ -38,6 +38,7 @@ from nvq.models import layers as L
 from nvq.models import qwen3
 from nvq.models.base import NameTable, Role, Row
 from nvq.models.blame import MOE_BLAME
+from nvq.models.gguf_fields import ARCH, meta, optional
 from nvq.models.llama import gguf_rope
 from nvq.models.qwen3 import head  # noqa: F401  (the module's protocol)
 
@@ -90,6 +91,16 @@ TABLE = NameTable(rows=ROWS, text_prefixes=("model.",), top_level=qwen3.LM_HEAD)
 IGNORE_PATTERNS: tuple[str, ...] = ()
 MODEL_TYPES = ("qwen3_moe",)
 BLAME = (*qwen3.BLAME, *MOE_BLAME)
+GGUF_FIELDS = {
+    **qwen3.GGUF_FIELDS,
+    "intermediate_size": optional("feed_forward_length"),
+    "num_experts": meta("expert_count"),
+    "top_k": meta("expert_used_count"),
+    "moe_intermediate_size": meta("expert_feed_forward_length"),
+    "norm_topk_prob": ARCH,  # llama.cpp's qwen3moe graph always renormalizes
+    "moe_layers": ARCH,  # every layer is MoE there
+}
+HF_DEFAULTS = qwen3.HF_DEFAULTS
 
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata → HF config

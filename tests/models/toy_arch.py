@@ -12,6 +12,8 @@ MODEL_TYPES = ("toyllama", "toyllama_text")
 TABLE = llama.TABLE
 IGNORE_PATTERNS = llama.IGNORE_PATTERNS
 BLAME = llama.BLAME
+GGUF_FIELDS = llama.GGUF_FIELDS
+HF_DEFAULTS = llama.HF_DEFAULTS
 GGUF_ARCH = "toyllama"
 # llama's metadata mapping, without the Q/K permutation llama.cpp applies to real llama GGUFs
 GGUF_SPEC = replace(
