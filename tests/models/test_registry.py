@@ -15,7 +15,7 @@ from nvq.io.gguf_model import GGUFModel
 from nvq.io.gguf_to_hf import hf_name_map
 from nvq.io.hf import HFConfig
 from nvq.models import llama
-from nvq.models.protocol import MEMBERS, ProtocolError, check
+from nvq.models.protocol import MEMBERS, ArchModule, ProtocolError, check
 from tests.test_gguf_convert import SMALL_LLAMA, write_small_gguf
 
 REGISTRIES = ("ARCHITECTURES", "REGISTRY", "GGUF_READERS")
@@ -105,6 +105,10 @@ def test_every_architecture_module_of_the_package_is_registered_and_satisfies_th
         models.GGUF_READERS["llama"] == "llama"
         and models.ARCHITECTURES["mistral"].GGUF_SPEC is None
     )
+
+
+def test_the_checked_members_are_the_protocol_s():
+    assert [m.name for m in MEMBERS] == list(ArchModule.__annotations__)
 
 
 def test_an_internal_module_name_is_no_model_type():
