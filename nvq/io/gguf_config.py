@@ -1,4 +1,5 @@
-"""Per-architecture facts for reading a GGUF back into Hugging Face terms, kept as data.
+"""The machinery for reading a GGUF back into Hugging Face terms; each architecture module
+(nvq.models.<arch>, member GGUF_SPEC) declares its own facts with it, as data.
 
 For every `general.architecture` nvq reads, an `ArchSpec` says:
 - which HF class and model_type the dense checkpoint is written as, and under which prefix the
@@ -30,10 +31,6 @@ from nvq.io.gguf import GGUFFile
 
 REQUIRED = object()  # Key.default: the key must be present
 OMIT = object()  # Key.default: leave the HF field out (transformers' default applies)
-
-FULL = "full_attention"
-SLIDING = "sliding_attention"
-
 
 def f32(value: Any) -> float:
     """A GGUF float32 as the shortest decimal that rounds to it (9.9999997e-06 → 1e-05)."""
@@ -152,44 +149,29 @@ class Fix:
 # Derived fields
 
 
-def _vocab(m: Meta, cfg: dict) -> None:
+def vocab(m: Meta, cfg: dict) -> None:
     cfg["vocab_size"] = m.rows("token_embd.weight")
 
 
-def _tied(m: Meta, cfg: dict) -> None:
+def tied(m: Meta, cfg: dict) -> None:
     cfg["tie_word_embeddings"] = not m.has_tensor("output.weight")
 
 
-def _special_ids(m: Meta, cfg: dict) -> None:
+def special_ids(m: Meta, cfg: dict) -> None:
     for what in ("bos", "eos", "pad"):
         key = "tokenizer.ggml." + ("padding" if what == "pad" else what) + "_token_id"
         if m.has(key):
             cfg[f"{what}_token_id"] = int(m.scalar(key))
 
 
-def _heads(m: Meta, cfg: dict) -> None:
+def head_counts(m: Meta, cfg: dict) -> None:
     heads = cfg["num_attention_heads"]
     cfg["num_key_value_heads"] = int(m.scalar("attention.head_count_kv", heads))
     head_dim = m.scalar("attention.key_length", None)
     cfg["head_dim"] = int(head_dim) if head_dim is not None else cfg["hidden_size"] // heads
 
 
-def _llama_rope(m: Meta, cfg: dict) -> None:
-    if m.has_tensor("rope_freqs.weight"):
-        raise ConfigError(
-            f"{m.gf.path} carries rope_freqs (Llama-3-style RoPE scaling), whose parameters the "
-            f"GGUF does not keep; nvq cannot rebuild its HF config."
-        )
-    rope_dims = m.scalar("rope.dimension_count", cfg["head_dim"])
-    if rope_dims != cfg["head_dim"]:
-        raise ConfigError(
-            f"{m.gf.path}: rope.dimension_count is {rope_dims} but head_dim is {cfg['head_dim']}; "
-            f"HF Llama rotates whole heads."
-        )
-    cfg["rope_parameters"] = _rope(m, f32(m.scalar("rope.freq_base", 10000.0)))
-
-
-def _rope(m: Meta, theta: float) -> dict:
+def rope_parameters(m: Meta, theta: float) -> dict:
     kind = m.scalar("rope.scaling.type", "none")
     if kind in ("none", None):
         return {"rope_type": "default", "rope_theta": theta}
@@ -200,151 +182,13 @@ def _rope(m: Meta, theta: float) -> dict:
     )
 
 
-def _biases(m: Meta, cfg: dict) -> None:
-    cfg["attention_bias"] = m.has_tensor("blk.0.attn_q.bias") or m.has_tensor("blk.0.attn_qkv.bias")
-    cfg["mlp_bias"] = m.has_tensor("blk.0.ffn_up.bias")
-
-
-def _attention_bias(m: Meta, cfg: dict) -> None:
-    cfg["attention_bias"] = m.has_tensor("blk.0.attn_q.bias") or m.has_tensor("blk.0.attn_qkv.bias")
-
-
-def _qwen3_moe(m: Meta, cfg: dict) -> None:
-    # llama.cpp's qwen3moe graph runs every layer as MoE with renormalized top-k weights.
-    cfg["num_experts"] = int(m.scalar("expert_count"))
-    cfg["num_experts_per_tok"] = int(m.scalar("expert_used_count"))
-    cfg["moe_intermediate_size"] = int(m.scalar("expert_feed_forward_length"))
-    cfg["intermediate_size"] = int(m.scalar("feed_forward_length", cfg["moe_intermediate_size"]))
-
-
-def _gemma3_layers(m: Meta, cfg: dict) -> None:
-    n = cfg["num_hidden_layers"]
-    if m.has("attention.sliding_window_pattern"):
-        pattern = m.per_layer("attention.sliding_window_pattern", n)
-        cfg["layer_types"] = [SLIDING if s else FULL for s in pattern]
-    else:
-        # Not in gemma3 GGUFs: llama.cpp hard-codes pattern 6 (il % 6 < 5 is sliding).
-        cfg["layer_types"] = [SLIDING if i % 6 < 5 else FULL for i in range(n)]
-
-
-def _gemma3_attention(m: Meta, cfg: dict) -> None:
-    # Not in the GGUF: llama.cpp uses 1/√head_dim, and 1/√(H/Hq) on the 62-layer 27B.
-    if cfg["num_hidden_layers"] == 62:
-        cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // cfg["num_attention_heads"]
-    else:
-        cfg["query_pre_attn_scalar"] = cfg["head_dim"]
-
-
-def _gemma3_rope(m: Meta, cfg: dict) -> None:
-    cfg["rope_parameters"] = {
-        # Older GGUFs lack freq_base_swa; llama.cpp's default is 10000.
-        SLIDING: {"rope_type": "default", "rope_theta": f32(m.scalar("rope.freq_base_swa", 10000.0))},
-        FULL: _rope(m, f32(m.scalar("rope.freq_base", 1000000.0))),
-    }
-
-
-def _gemma4_layers(m: Meta, cfg: dict) -> None:
-    pattern = m.per_layer("attention.sliding_window_pattern", cfg["num_hidden_layers"])
-    if not all(isinstance(s, bool) for s in pattern):
-        raise ConfigError(f"{m.gf.path}: gemma4.attention.sliding_window_pattern must be a bool array.")
-    cfg["layer_types"] = [SLIDING if s else FULL for s in pattern]
-
-
-def _gemma4_attention(m: Meta, cfg: dict) -> None:
-    n, types = cfg["num_hidden_layers"], cfg["layer_types"]
-    cfg["head_dim"] = int(m.scalar("attention.key_length_swa"))
-    cfg["global_head_dim"] = int(m.scalar("attention.key_length"))
-    kv = [int(k) for k in m.per_layer("attention.head_count_kv", n)]
-    swa_kv = {k for k, t in zip(kv, types, strict=True) if t == SLIDING}
-    full_kv = {k for k, t in zip(kv, types, strict=True) if t == FULL}
-    if len(swa_kv) > 1 or len(full_kv) > 1:
-        raise ConfigError(
-            f"{m.gf.path}: gemma4.attention.head_count_kv {kv} varies within a layer type; "
-            f"Gemma-4 configs have one value per type."
-        )
-    cfg["num_key_value_heads"] = next(iter(swa_kv or full_kv))
-    # k_eq_v: a full layer that owns its KV (not shared) but has no attn_v (gemma4.md §9).
-    first_shared = n - cfg["num_kv_shared_layers"]
-    k_eq_v = any(
-        t == FULL and i < first_shared and not _has_v(m, i) for i, t in enumerate(types)
-    )
-    cfg["attention_k_eq_v"] = k_eq_v
-    global_kv = next(iter(full_kv or swa_kv))
-    if k_eq_v:
-        cfg["num_global_key_value_heads"] = global_kv
-    elif global_kv != cfg["num_key_value_heads"]:
-        raise ConfigError(
-            f"{m.gf.path}: full layers have {global_kv} KV heads and sliding layers "
-            f"{cfg['num_key_value_heads']} without k_eq_v, which a Gemma-4 HF config cannot express."
-        )
-
-
-def _has_v(m: Meta, bid: int) -> bool:
-    return m.has_tensor(f"blk.{bid}.attn_v.weight") or m.has_tensor(f"blk.{bid}.attn_qkv.weight")
-
-
-def _gemma4_mlp(m: Meta, cfg: dict) -> None:
-    n = cfg["num_hidden_layers"]
-    widths = [int(w) for w in m.per_layer("feed_forward_length", n)]
-    first_shared = n - cfg["num_kv_shared_layers"]
-    base = widths[0]
-    double = any(w != base for w in widths)
-    expected = [base * (2 if double and i >= first_shared else 1) for i in range(n)]
-    if widths != expected:
-        raise ConfigError(
-            f"{m.gf.path}: gemma4.feed_forward_length {widths} is neither one width nor the "
-            f"double-wide pattern of the KV-shared layers."
-        )
-    cfg["intermediate_size"] = base
-    cfg["use_double_wide_mlp"] = double
-
-
-def _gemma4_moe(m: Meta, cfg: dict) -> None:
-    experts = int(m.scalar("expert_count", 0) or 0)
-    cfg["enable_moe_block"] = experts > 0
-    cfg["num_experts"] = experts or None
-    cfg["top_k_experts"] = int(m.scalar("expert_used_count")) if experts else None
-    cfg["moe_intermediate_size"] = int(m.scalar("expert_feed_forward_length")) if experts else None
-
-
-def _gemma4_rope(m: Meta, cfg: dict) -> None:
-    # rope_freqs = [1.0]·(rotated pairs) + [1e30]·rest over global_head_dim/2 (gemma4.md §4.1).
-    if m.has_tensor("rope_freqs.weight"):
-        freqs = m.gf.read("rope_freqs.weight").reshape(-1)
-        rotated = int((freqs == 1.0).sum())
-        factor = f32(2 * rotated / cfg["global_head_dim"])
-    else:
-        factor = 1.0
-    cfg["rope_parameters"] = {
-        SLIDING: {"rope_type": "default", "rope_theta": f32(m.scalar("rope.freq_base_swa", 10000.0))},
-        FULL: {
-            "rope_type": "proportional",
-            "partial_rotary_factor": factor,
-            "rope_theta": f32(m.scalar("rope.freq_base", 1000000.0)),
-        },
-    }
-
-
-def _gemma4_ple(m: Meta, cfg: dict) -> None:
-    cfg["hidden_size_per_layer_input"] = int(m.scalar("embedding_length_per_layer_input", 0) or 0)
-    ple = "per_layer_token_embd.weight"
-    cfg["vocab_size_per_layer_input"] = m.rows(ple) if m.has_tensor(ple) else cfg["vocab_size"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-layer attention shapes, (n_head, n_kv_head, head_dim), for Q/K un-permutation and for
 # splitting a fused attn_qkv.
 
 
-def _uniform_dims(cfg: dict, bid: int) -> tuple[int, int, int]:
+def uniform_dims(cfg: dict, bid: int) -> tuple[int, int, int]:
     return cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-
-
-def _gemma4_dims(cfg: dict, bid: int) -> tuple[int, int, int]:
-    if cfg["layer_types"][bid] == FULL:
-        kv = cfg.get("num_global_key_value_heads") if cfg.get("attention_k_eq_v") else None
-        return cfg["num_attention_heads"], kv or cfg["num_key_value_heads"], cfg["global_head_dim"]
-    return _uniform_dims(cfg, bid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +197,6 @@ def _gemma4_dims(cfg: dict, bid: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    gguf_arch: str
-    module: str  # nvq.models.<module> holds the name table
     architecture: str  # HF class written to config.json "architectures"
     model_type: str
     hf_prefix: str  # decoder prefix of the causal-LM class's tensor names
@@ -363,115 +205,23 @@ class ArchSpec:
     constants: Mapping[str, Any] = field(default_factory=dict)
     fixes: tuple[Fix, ...] = ()
     consumed: Mapping[str, str] = field(default_factory=dict)  # tensor → why it is not written
-    attn_dims: Callable[[dict, int], tuple[int, int, int]] = _uniform_dims
+    attn_dims: Callable[[dict, int], tuple[int, int, int]] = uniform_dims
 
 
-_COMMON_KEYS = (
+COMMON_KEYS = (
     Key("block_count", "num_hidden_layers"),
     Key("embedding_length", "hidden_size"),
     Key("attention.head_count", "num_attention_heads"),
     Key("context_length", "max_position_embeddings", int, OMIT),
     Key("attention.layer_norm_rms_epsilon", "rms_norm_eps", f32),
 )
-
-_LLAMA = ArchSpec(
-    gguf_arch="llama",
-    module="llama",
-    architecture="LlamaForCausalLM",
-    model_type="llama",
-    hf_prefix="model.",
-    keys=(*_COMMON_KEYS, Key("feed_forward_length", "intermediate_size")),
-    derived=(_vocab, _tied, _special_ids, _heads, _llama_rope, _biases),
-    constants={"hidden_act": "silu"},
-    fixes=(
-        Fix(r"blk\.\d+\.attn_q\.(weight|bias)", Unpermute("q")),
-        Fix(r"blk\.\d+\.attn_k\.(weight|bias)", Unpermute("k")),
-    ),
-)
-
-_GEMMA3 = ArchSpec(
-    gguf_arch="gemma3",
-    module="gemma3",
-    architecture="Gemma3ForCausalLM",
-    model_type="gemma3_text",
-    hf_prefix="model.",
-    keys=(
-        *_COMMON_KEYS,
-        Key("feed_forward_length", "intermediate_size"),
-        Key("attention.sliding_window", "sliding_window"),
-        Key("final_logit_softcapping", "final_logit_softcapping", f32, None),
-    ),
-    derived=(_vocab, _tied, _special_ids, _heads, _gemma3_attention, _gemma3_layers, _gemma3_rope),
-    constants={"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": None},
-    fixes=(Fix(r".*norm\.weight", Shift(-1.0)),),
-)
-
-_GEMMA4 = ArchSpec(
-    gguf_arch="gemma4",
-    module="gemma4",
-    architecture="Gemma4ForCausalLM",
-    model_type="gemma4_text",
-    hf_prefix="model.",
-    keys=(
-        *_COMMON_KEYS,
-        Key("attention.sliding_window", "sliding_window"),
-        Key("attention.shared_kv_layers", "num_kv_shared_layers", int, 0),
-        # Absent means None here; llama.cpp would apply 30 (oracle.md §1): say what the file says.
-        Key("final_logit_softcapping", "final_logit_softcapping", f32, None),
-    ),
-    derived=(
-        _vocab, _tied, _special_ids, _gemma4_layers, _gemma4_attention, _gemma4_mlp,
-        _gemma4_moe, _gemma4_rope, _gemma4_ple,
-    ),  # fmt: skip
-    constants={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
-    consumed={
-        "rope_freqs.weight": "generated by llama.cpp's converter; its content is "
-        "rope_parameters.full_attention.partial_rotary_factor",
-    },
-    attn_dims=_gemma4_dims,
-)
-
-# Qwen3 uses NEOX RoPE in llama.cpp, so its converter leaves Q/K rows in HF order: no fixes.
-_QWEN3 = ArchSpec(
-    gguf_arch="qwen3",
-    module="qwen3",
-    architecture="Qwen3ForCausalLM",
-    model_type="qwen3",
-    hf_prefix="model.",
-    keys=(*_COMMON_KEYS, Key("feed_forward_length", "intermediate_size")),
-    derived=(_vocab, _tied, _special_ids, _heads, _llama_rope, _attention_bias),
-    constants={"hidden_act": "silu"},
-)
-
-_QWEN3_MOE = ArchSpec(
-    gguf_arch="qwen3moe",
-    module="qwen3_moe",
-    architecture="Qwen3MoeForCausalLM",
-    model_type="qwen3_moe",
-    hf_prefix="model.",
-    keys=_COMMON_KEYS,
-    derived=(_vocab, _tied, _special_ids, _heads, _llama_rope, _attention_bias, _qwen3_moe),
-    # not in the GGUF: llama.cpp's graph hard-codes both (src/models/qwen3moe.cpp)
-    constants={"hidden_act": "silu", "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
-)
-
-SPECS: dict[str, ArchSpec] = {s.gguf_arch: s for s in (_LLAMA, _GEMMA3, _GEMMA4, _QWEN3, _QWEN3_MOE)}
+# derived fields every architecture reads the same way
+COMMON_DERIVED = (vocab, tied, special_ids)
 
 
-def spec_for(gf: GGUFFile) -> ArchSpec:
-    arch = gf.architecture
-    try:
-        return SPECS[arch]
-    except KeyError:
-        raise ConfigError(
-            f"{gf.path} is a '{arch}' GGUF; nvq reads {', '.join(sorted(SPECS))}."
-        ) from None
-
-
-def hf_config(gf: GGUFFile, spec: ArchSpec | None = None) -> dict:
+def hf_config(gf: GGUFFile, spec: ArchSpec) -> dict:
     """The HF config.json (text decoder, causal-LM class) that the GGUF's metadata implies."""
-    spec = spec or spec_for(gf)
-    m = Meta(gf, spec.gguf_arch)
+    m = Meta(gf, gf.architecture)
     cfg: dict[str, Any] = {"architectures": [spec.architecture], "model_type": spec.model_type}
     for key in spec.keys:
         if key.default is REQUIRED or m.has(key.gguf):

@@ -26,8 +26,9 @@ import torch
 from nvq.errors import CheckpointError, ConfigError
 from nvq.io.gguf import GGUFFile
 from nvq.io.gguf_cells import Cells, is_exact, read_cells
-from nvq.io.gguf_config import ArchSpec, Fix, Unpermute, head_rows, hf_config, spec_for
+from nvq.io.gguf_config import ArchSpec, Fix, Unpermute, head_rows, hf_config
 from nvq.io.rows import read_row_set
+from nvq.models import for_gguf
 
 CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk: 64 MiB
 _QKV = re.compile(r"blk\.(?P<bid>\d+)\.attn_qkv\.(?P<kind>weight|bias)")
@@ -56,6 +57,7 @@ class Unit:
 class GGUFModel:
     path: Path
     gguf: GGUFFile
+    arch_name: str  # the nvq.models module that reads it ("llama", "gemma3", "gemma4", ...)
     spec: ArchSpec
     config: dict  # HF-style config.json of the causal-LM class
     units: list[Unit]
@@ -65,15 +67,10 @@ class GGUFModel:
     @classmethod
     def open(cls, path: str | Path) -> GGUFModel:
         gf = GGUFFile.open(path)
-        spec = spec_for(gf)
+        arch_name, spec = for_gguf(gf)
         config = hf_config(gf, spec)
         units, consumed = _plan(gf, spec, config)
-        return cls(Path(path), gf, spec, config, units, consumed)
-
-    @property
-    def arch_name(self) -> str:
-        """The nvq.models module of this architecture ("llama", "gemma3", "gemma4")."""
-        return self.spec.module
+        return cls(Path(path), gf, arch_name, spec, config, units, consumed)
 
     def source_bytes(self, unit: Unit, rows: int) -> int:
         info = self.gguf.info(unit.source)

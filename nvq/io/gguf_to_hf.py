@@ -10,9 +10,7 @@ Linear per expert (Qwen3-MoE), each expert is written as its own tensor.
 
 from __future__ import annotations
 
-import importlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +23,8 @@ from nvq.io.gguf_model import GGUFModel, Unit
 from nvq.io.gguf_tokenizer import write_tokenizer_files
 from nvq.io.hf import HFConfig
 from nvq.io.safetensors import OutputTensor, ShardedWriter, dtype_code
-from nvq.models import config_rules, parse_checked
+from nvq.models import ARCHITECTURES, config_rules, parse_checked
+from nvq.models.base import NameTable
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 Progress = Callable[[int, str], None]  # (source bytes read, tensor name)
@@ -53,49 +52,34 @@ class _Target:
 def hf_name_map(model: GGUFModel) -> tuple[list[_Target], dict[str, str]]:
     """HF name of every canonical unit; units the HF model does not have are returned as drops
     (name → reason). A canonical name no table row knows is an UnmappedTensorError."""
-    module = importlib.import_module(f"nvq.models.{model.spec.module}")
-    table = module.TABLE
-    prefix = model.spec.hf_prefix
+    module = ARCHITECTURES[model.arch_name]
+    table, prefix = module.TABLE, model.spec.hf_prefix
     if prefix not in table.text_prefixes:
-        raise ConfigError(f"internal: {prefix!r} is not a text prefix of nvq.models.{model.spec.module}.")
+        raise ConfigError(f"internal: {prefix!r} is not a text prefix of nvq.models.{model.arch_name}.")
     arch_config = parse_checked(module, HFConfig(model.path, model.config))
-    rows = [(_gguf_regex(r.gguf), r, prefix) for r in table.rows]
-    rows += [(_gguf_regex(r.gguf), r, "") for r in table.top_level.values()]
     targets, dropped, unmapped = [], {}, []
-    for unit in (u for whole in model.units for u in _per_expert(whole, rows)):
-        for regex, row, pre in rows:
-            m = regex.fullmatch(unit.canonical)
-            if m is None:
-                continue
-            bid = int(m["bid"]) if "bid" in regex.groupindex else None
-            reason = row.drop_when(arch_config, bid) if row.drop_when and bid is not None else None
-            if reason:
-                dropped[unit.canonical] = reason
-            else:
-                hf = pre + (row.hf.format(bid=bid, xid=m.groupdict().get("xid")) if bid is not None else row.hf)
-                targets.append(_Target(unit, hf))
-            break
-        else:
+    for unit in (u for whole in model.units for u in _per_expert(whole, table, prefix)):
+        m = table.to_hf(unit.canonical, prefix, arch_config)
+        if m is None:
             unmapped.append(unit.canonical)
+        elif m.dropped:
+            dropped[unit.canonical] = m.dropped
+        else:
+            targets.append(_Target(unit, m.source))
     if unmapped:
         shown = ", ".join(unmapped[:5]) + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
         raise UnmappedTensorError(
             f"{model.path}: {len(unmapped)} GGUF tensor(s) have no row in nvq's "
-            f"{model.spec.module} name table: {shown}."
+            f"{model.arch_name} name table: {shown}."
         )
     config_rules.check_tensors(model.path, arch_config, {u.canonical: u.shape for u in model.units})
     return targets, dropped
 
 
-def _gguf_regex(template: str) -> re.Pattern[str]:
-    escaped = re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
-    return re.compile(escaped.replace(re.escape("{xid}"), r"(?P<xid>\d+)"))
-
-
-def _per_expert(unit: Unit, rows) -> list[Unit]:
+def _per_expert(unit: Unit, table: NameTable, prefix: str) -> list[Unit]:
     """A GGUF expert stack whose experts the name table names one Linear each (Qwen3-MoE, as
     transformers writes them) becomes one unit per expert: rows e·n..(e+1)·n of its 2-D view."""
-    if len(unit.shape) != 3 or not any(regex.fullmatch(unit.canonical + "[0]") for regex, _, _ in rows):
+    if len(unit.shape) != 3 or table.to_hf(unit.canonical + "[0]", prefix) is None:
         return [unit]
     n, first = unit.shape[1], unit.rows[0]
     return [replace(unit, canonical=f"{unit.canonical}[{e}]", rows=(first + e * n, first + (e + 1) * n),

@@ -71,6 +71,9 @@ class NameTable:
 
     def __post_init__(self) -> None:
         self._compiled = [(_template_regex(r.hf), r) for r in self.rows]
+        # canonical → row, for reading a GGUF back (top-level rows carry no text prefix)
+        self._by_canonical = [(_template_regex(r.gguf), r, True) for r in self.rows]
+        self._by_canonical += [(_template_regex(r.gguf), r, False) for r in self.top_level.values()]
         self._droppable = [(_template_regex(r.gguf), r) for r in self.rows if r.drop_when is not None]
 
     def drop_reason(self, canonical: str, arch_config: Any = None) -> str | None:
@@ -97,6 +100,21 @@ class NameTable:
                 if m:
                     bid = int(m.group("bid")) if "bid" in m.groupdict() else None
                     return _mapped(name, row, bid, arch_config, m.groupdict().get("xid"))
+        return None
+
+    def to_hf(self, canonical: str, prefix: str, arch_config: Any = None) -> Mapped | None:
+        """The table's row for a canonical (GGUF) name, read backwards: `source` is the HF name,
+        the decoder's under `prefix` (one of `text_prefixes`); `dropped` says why the HF model has
+        no place for it. None when no row names it."""
+        for regex, row, in_text in self._by_canonical:
+            m = regex.fullmatch(canonical)
+            if m is None:
+                continue
+            bid = int(m["bid"]) if "bid" in regex.groupindex else None
+            reason = row.drop_when(arch_config, bid) if row.drop_when and bid is not None else None
+            hf = row.hf.format(bid=bid, xid=m.groupdict().get("xid")) if bid is not None else row.hf
+            return Mapped(source=(prefix if in_text else "") + hf, canonical=canonical, role=row.role, bid=bid,
+                          fuse=row.fuse, dropped=reason)
         return None
 
     def resolve_all(self, names: Iterable[str], arch_config: Any = None) -> list[Mapped]:

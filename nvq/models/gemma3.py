@@ -39,9 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
+from nvq.io import gguf_config as G
 from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
+from nvq.models.blame import COMMON_BLAME, QK_NORM_BLAME, SANDWICH_BLAME
+from nvq.models.gguf_fields import ARCH, COMMON_FIELDS, meta, optional, rope_fields
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -156,6 +159,75 @@ TABLE = NameTable(
 )
 
 IGNORE_PATTERNS = (r"re:.*vision_tower.*", r"re:.*multi_modal_projector.*")
+MODEL_TYPES = ("gemma3", "gemma3_text")
+BLAME = (*COMMON_BLAME, *QK_NORM_BLAME, *SANDWICH_BLAME)
+# where the GGUF holds each parsed config field (nvq.models.gguf_fields)
+GGUF_FIELDS = {
+    **COMMON_FIELDS,
+    "num_kv_heads": meta("attention.head_count_kv"),
+    "head_dim": meta("attention.key_length"),
+    "intermediate_size": meta("feed_forward_length"),
+    "layer_types": meta("attention.sliding_window_pattern"),  # absent: every 6th layer full
+    "sliding_window": meta("attention.sliding_window"),
+    # rope.scaling.* applies to the full-attention layers only (gemma4.md §8)
+    **rope_fields("rope_sliding", meta("rope.freq_base_swa"), ARCH, ARCH, ARCH, ARCH),
+    **rope_fields("rope_full", meta("rope.freq_base"), optional("rope.scaling.type"),
+                  optional("rope.scaling.factor"), ARCH, ARCH),
+    "query_pre_attn_scalar": ARCH,  # 1/√head_dim, 1/√(H/Hq) on the 62-layer 27B
+    "attn_logit_softcapping": ARCH,  # llama.cpp's gemma3 graph has none
+    "final_logit_softcapping": optional("final_logit_softcapping"),  # absent: 0 = none
+    "hidden_activation": ARCH,  # GeGLU with tanh GELU
+}
+# transformers' defaults of HF config fields the parsed config may lack
+HF_DEFAULTS = {"tie_word_embeddings": True, "max_position_embeddings": 131072}
+
+# ---------------------------------------------------------------------------------------------
+# GGUF metadata → HF config
+# ---------------------------------------------------------------------------------------------
+
+
+def _gguf_layers(m: G.Meta, cfg: dict) -> None:
+    n = cfg["num_hidden_layers"]
+    if m.has("attention.sliding_window_pattern"):
+        pattern = m.per_layer("attention.sliding_window_pattern", n)
+        cfg["layer_types"] = [SLIDING if s else FULL for s in pattern]
+    else:
+        # Not in gemma3 GGUFs: llama.cpp hard-codes pattern 6 (il % 6 < 5 is sliding).
+        cfg["layer_types"] = [SLIDING if i % 6 < 5 else FULL for i in range(n)]
+
+
+def _gguf_attention(m: G.Meta, cfg: dict) -> None:
+    # Not in the GGUF: llama.cpp uses 1/√head_dim, and 1/√(H/Hq) on the 62-layer 27B.
+    if cfg["num_hidden_layers"] == 62:
+        cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    else:
+        cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+
+
+def _gguf_rope(m: G.Meta, cfg: dict) -> None:
+    cfg["rope_parameters"] = {
+        # Older GGUFs lack freq_base_swa; llama.cpp's default is 10000.
+        SLIDING: {"rope_type": "default", "rope_theta": G.f32(m.scalar("rope.freq_base_swa", 10000.0))},
+        FULL: G.rope_parameters(m, G.f32(m.scalar("rope.freq_base", 1000000.0))),
+    }
+
+
+GGUF_ARCH = "gemma3"
+GGUF_SPEC = G.ArchSpec(
+    architecture="Gemma3ForCausalLM",
+    model_type="gemma3_text",
+    hf_prefix="model.",
+    keys=(
+        *G.COMMON_KEYS,
+        G.Key("feed_forward_length", "intermediate_size"),
+        G.Key("attention.sliding_window", "sliding_window"),
+        G.Key("final_logit_softcapping", "final_logit_softcapping", G.f32, None),
+    ),
+    derived=(*G.COMMON_DERIVED, G.head_counts, _gguf_attention, _gguf_layers, _gguf_rope),
+    constants={"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": None},
+    # llama.cpp stores Gemma-1..3 norms as 1 + w (gemma4.md §8)
+    fixes=(G.Fix(r".*norm\.weight", G.Shift(-1.0)),),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,10 +257,13 @@ def forward_layers(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     embed_scale: str | float = "exact",
+    *,
+    observer: L.Observer | None = None,
 ) -> Generator[int, None, torch.Tensor]:
     """The forward one step at a time: yields L.EMBEDDED after the embedding, i after layer i's
     `l_out-i` tap, and returns `result_norm` `[T, H]`. Inputs and taps: `forward`."""
     tap = L.as_taps(taps)
+    ops = L.Ops(observer)
     w = L.Weights(tensors, dtype, device)
     ids = L.check_token_ids(token_ids)
     eps, hd = config.rms_norm_eps, config.head_dim
@@ -204,19 +279,19 @@ def forward_layers(
         return L.rms_norm(x, w(name), eps, L.NORM_ONE_PLUS)
 
     x = w.rows("token_embd.weight", ids) * embed_scale_value(config.hidden_size, embed_scale)
-    x = L.keep(tap("inp_scaled", x))
+    x = ops.keep(tap("inp_scaled", x))
     yield L.EMBEDDED
     for i in range(config.num_layers):
         p = f"blk.{i}."
         # Intermediates live only in `_attention`'s frame or in one expression, and `del` drops
         # the rest: a calibration sequence parked at a Linear holds just the kept residual and
         # that Linear's input (nvq.quant.capture).
-        o = _attention(config, w, tap, norm, i, x, rope[config.layer_type(i)], scale)
-        o = L.linear(o, w(p + "attn_output.weight"))
+        o = _attention(config, ops, w, tap, norm, i, x, rope[config.layer_type(i)], scale)
+        o = ops.linear(o, w(p + "attn_output.weight"))
         o = tap(f"attn_post_norm-{i}", norm(o, p + "post_attention_norm.weight"))
-        x = L.keep(tap(f"ffn_inp-{i}", tap(f"sa_out-{i}", x + o)))
+        x = ops.keep(tap(f"ffn_inp-{i}", tap(f"sa_out-{i}", x + o)))
         del o
-        m = L.glu_mlp(
+        m = ops.glu_mlp(
             tap(f"ffn_norm-{i}", norm(x, p + "ffn_norm.weight")),
             w(p + "ffn_gate.weight"),
             w(p + "ffn_up.weight"),
@@ -224,21 +299,21 @@ def forward_layers(
             config.hidden_activation,
         )
         m = norm(tap(f"ffn_out-{i}", m), p + "post_ffw_norm.weight")
-        x = L.keep(tap(f"l_out-{i}", x + tap(f"ffn_post_norm-{i}", m)))
+        x = ops.keep(tap(f"l_out-{i}", x + tap(f"ffn_post_norm-{i}", m)))
         del m
         yield i
     return tap("result_norm", norm(x, "output_norm.weight"))
 
 
-def _attention(config: Gemma3Config, w: L.Weights, tap, norm, i: int, x: torch.Tensor, rope, scale: float) -> torch.Tensor:
+def _attention(config: Gemma3Config, ops: L.Ops, w: L.Weights, tap, norm, i: int, x: torch.Tensor, rope, scale: float) -> torch.Tensor:
     """Layer i's attention up to `kqv_out-i` (the output projection's input)."""
     p, t, hd = f"blk.{i}.", x.shape[0], config.head_dim
     kind = config.layer_type(i)
     cos, sin = rope
     a = tap(f"attn_norm-{i}", norm(x, p + "attn_norm.weight"))
-    q = L.linear(a, w(p + "attn_q.weight")).view(t, -1, hd)
-    k = L.linear(a, w(p + "attn_k.weight")).view(t, -1, hd)
-    v = L.linear(a, w(p + "attn_v.weight")).view(t, -1, hd)
+    q = ops.linear(a, w(p + "attn_q.weight")).view(t, -1, hd)
+    k = ops.linear(a, w(p + "attn_k.weight")).view(t, -1, hd)
+    v = ops.linear(a, w(p + "attn_v.weight")).view(t, -1, hd)
     del a
     q = norm(q, p + "attn_q_norm.weight")
     k = norm(k, p + "attn_k_norm.weight")
@@ -257,7 +332,7 @@ def _attention(config: Gemma3Config, w: L.Weights, tap, norm, i: int, x: torch.T
 def head(config: Gemma3Config, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
     """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`), softcapped elementwise: the
     head in any chunks."""
-    return L.softcap(L.linear(hidden, weight_rows), config.final_logit_softcapping)
+    return L.softcap(L.UNOBSERVED.linear(hidden, weight_rows), config.final_logit_softcapping)
 
 
 def forward(
@@ -268,10 +343,12 @@ def forward(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     embed_scale: str | float = "exact",
+    *,
+    observer: L.Observer | None = None,
 ) -> torch.Tensor:
     """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
     values (norm weights w, applied as 1 + w). Tap names: the module docstring."""
-    steps = forward_layers(config, tensors, token_ids, taps, dtype, device, embed_scale)
+    steps = forward_layers(config, tensors, token_ids, taps, dtype, device, embed_scale, observer=observer)
     x = L.run_layers(steps)
     logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
     return L.as_taps(taps)("result_output", logits)

@@ -46,10 +46,13 @@ from dataclasses import dataclass
 import torch
 
 from nvq.errors import ConfigError
+from nvq.io import gguf_config as G
 from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
+from nvq.models.blame import COMMON_BLAME, MOE_BLAME, QK_NORM_BLAME, SANDWICH_BLAME, Blame
 from nvq.models.gemma3 import embed_scale_value
+from nvq.models.gguf_fields import ARCH, COMMON_FIELDS, TENSORS, meta, optional, rope_fields
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -260,11 +263,192 @@ IGNORE_PATTERNS = (
     # renames it to embed_vision on load; a loader matching checkpoint names sees this one)
     r"re:.*vision_embedder.*",
 )
+MODEL_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+BLAME = (
+    *COMMON_BLAME,
+    *QK_NORM_BLAME,
+    *SANDWICH_BLAME,
+    *MOE_BLAME,
+    Blame(r"per_layer_.*", ("inp_per_layer_selected", "per_layer_proj", "inp_per_layer")),
+    Blame(r"blk\.\d+\.post_ffw_norm_1\..*", ("ffn_mlp",)),
+    Blame(r"blk\.\d+\.pre_ffw_norm_2\..*", ("ffn_norm_2",)),
+    Blame(r"blk\.\d+\.post_ffw_norm_2\..*", ("ffn_moe",)),
+    Blame(r"blk\.\d+\.(inp_gate|proj|post_norm)\..*", ("per_layer_embd_out",)),
+)
+# where the GGUF holds each parsed config field (nvq.models.gguf_fields)
+GGUF_FIELDS = {
+    **COMMON_FIELDS,
+    "intermediate_size": meta("feed_forward_length"),
+    "layer_types": meta("attention.sliding_window_pattern"),
+    "head_dim": meta("attention.key_length_swa", "attention.key_length"),
+    "num_kv_heads": meta("attention.head_count_kv"),
+    "has_v_proj": TENSORS,  # k_eq_v: a non-shared full layer without attn_v
+    "mlp_width": meta("feed_forward_length"),
+    "first_kv_shared": meta("attention.shared_kv_layers"),
+    "per_layer_input_size": meta("embedding_length_per_layer_input"),
+    "vocab_size_per_layer_input": TENSORS,  # per_layer_token_embd rows
+    "num_experts": optional("expert_count"),
+    "top_k_experts": optional("expert_used_count"),
+    "moe_intermediate_size": optional("expert_feed_forward_length"),
+    "sliding_window": meta("attention.sliding_window"),
+    **rope_fields("rope_sliding", meta("rope.freq_base_swa"), ARCH, ARCH, ARCH, ARCH),
+    # proportional RoPE: rope_freqs holds 1.0 for the rotated pairs (gemma4.md §4.1)
+    **rope_fields("rope_full", meta("rope.freq_base"), ARCH, ARCH, TENSORS, ARCH),
+    "final_logit_softcapping": meta("final_logit_softcapping", fallback=30.0),
+    "hidden_activation": ARCH,  # GeGLU with tanh GELU
+}
+# transformers' defaults of HF config fields the parsed config may lack
+HF_DEFAULTS = {"tie_word_embeddings": True, "max_position_embeddings": 131072}
+
+# ---------------------------------------------------------------------------------------------
+# GGUF metadata → HF config
+# ---------------------------------------------------------------------------------------------
+
+
+def _gguf_layers(m: G.Meta, cfg: dict) -> None:
+    pattern = m.per_layer("attention.sliding_window_pattern", cfg["num_hidden_layers"])
+    if not all(isinstance(s, bool) for s in pattern):
+        raise ConfigError(f"{m.gf.path}: gemma4.attention.sliding_window_pattern must be a bool array.")
+    cfg["layer_types"] = [SLIDING if s else FULL for s in pattern]
+
+
+def _gguf_attention(m: G.Meta, cfg: dict) -> None:
+    n, types = cfg["num_hidden_layers"], cfg["layer_types"]
+    cfg["head_dim"] = int(m.scalar("attention.key_length_swa"))
+    cfg["global_head_dim"] = int(m.scalar("attention.key_length"))
+    kv = [int(k) for k in m.per_layer("attention.head_count_kv", n)]
+    swa_kv = {k for k, t in zip(kv, types, strict=True) if t == SLIDING}
+    full_kv = {k for k, t in zip(kv, types, strict=True) if t == FULL}
+    if len(swa_kv) > 1 or len(full_kv) > 1:
+        raise ConfigError(
+            f"{m.gf.path}: gemma4.attention.head_count_kv {kv} varies within a layer type; "
+            f"Gemma-4 configs have one value per type."
+        )
+    cfg["num_key_value_heads"] = next(iter(swa_kv or full_kv))
+    # k_eq_v: a full layer that owns its KV (not shared) but has no attn_v (gemma4.md §9).
+    first_shared = n - cfg["num_kv_shared_layers"]
+    k_eq_v = any(
+        t == FULL and i < first_shared and not _gguf_has_v(m, i) for i, t in enumerate(types)
+    )
+    cfg["attention_k_eq_v"] = k_eq_v
+    global_kv = next(iter(full_kv or swa_kv))
+    if k_eq_v:
+        cfg["num_global_key_value_heads"] = global_kv
+    elif global_kv != cfg["num_key_value_heads"]:
+        raise ConfigError(
+            f"{m.gf.path}: full layers have {global_kv} KV heads and sliding layers "
+            f"{cfg['num_key_value_heads']} without k_eq_v, which a Gemma-4 HF config cannot express."
+        )
+
+
+def _gguf_has_v(m: G.Meta, bid: int) -> bool:
+    return m.has_tensor(f"blk.{bid}.attn_v.weight") or m.has_tensor(f"blk.{bid}.attn_qkv.weight")
+
+
+def _gguf_mlp(m: G.Meta, cfg: dict) -> None:
+    n = cfg["num_hidden_layers"]
+    widths = [int(w) for w in m.per_layer("feed_forward_length", n)]
+    first_shared = n - cfg["num_kv_shared_layers"]
+    base = widths[0]
+    double = any(w != base for w in widths)
+    expected = [base * (2 if double and i >= first_shared else 1) for i in range(n)]
+    if widths != expected:
+        raise ConfigError(
+            f"{m.gf.path}: gemma4.feed_forward_length {widths} is neither one width nor the "
+            f"double-wide pattern of the KV-shared layers."
+        )
+    cfg["intermediate_size"] = base
+    cfg["use_double_wide_mlp"] = double
+
+
+def _gguf_moe(m: G.Meta, cfg: dict) -> None:
+    experts = int(m.scalar("expert_count", 0) or 0)
+    cfg["enable_moe_block"] = experts > 0
+    cfg["num_experts"] = experts or None
+    cfg["top_k_experts"] = int(m.scalar("expert_used_count")) if experts else None
+    cfg["moe_intermediate_size"] = int(m.scalar("expert_feed_forward_length")) if experts else None
+
+
+def _gguf_rope(m: G.Meta, cfg: dict) -> None:
+    # rope_freqs = [1.0]·(rotated pairs) + [1e30]·rest over global_head_dim/2 (gemma4.md §4.1).
+    if m.has_tensor("rope_freqs.weight"):
+        freqs = m.gf.read("rope_freqs.weight").reshape(-1)
+        rotated = int((freqs == 1.0).sum())
+        factor = G.f32(2 * rotated / cfg["global_head_dim"])
+    else:
+        factor = 1.0
+    cfg["rope_parameters"] = {
+        SLIDING: {"rope_type": "default", "rope_theta": G.f32(m.scalar("rope.freq_base_swa", 10000.0))},
+        FULL: {
+            "rope_type": "proportional",
+            "partial_rotary_factor": factor,
+            "rope_theta": G.f32(m.scalar("rope.freq_base", 1000000.0)),
+        },
+    }
+
+
+def _gguf_ple(m: G.Meta, cfg: dict) -> None:
+    cfg["hidden_size_per_layer_input"] = int(m.scalar("embedding_length_per_layer_input", 0) or 0)
+    ple = "per_layer_token_embd.weight"
+    cfg["vocab_size_per_layer_input"] = m.rows(ple) if m.has_tensor(ple) else cfg["vocab_size"]
+
+
+def _gguf_dims(cfg: dict, bid: int) -> tuple[int, int, int]:
+    if cfg["layer_types"][bid] == FULL:
+        kv = cfg.get("num_global_key_value_heads") if cfg.get("attention_k_eq_v") else None
+        return cfg["num_attention_heads"], kv or cfg["num_key_value_heads"], cfg["global_head_dim"]
+    return G.uniform_dims(cfg, bid)
+
+
+GGUF_ARCH = "gemma4"
+GGUF_SPEC = G.ArchSpec(
+    architecture="Gemma4ForCausalLM",
+    model_type="gemma4_text",
+    hf_prefix="model.",
+    keys=(
+        *G.COMMON_KEYS,
+        G.Key("attention.sliding_window", "sliding_window"),
+        G.Key("attention.shared_kv_layers", "num_kv_shared_layers", int, 0),
+        # Absent means None here; llama.cpp would apply 30 (oracle.md §1): say what the file says.
+        G.Key("final_logit_softcapping", "final_logit_softcapping", G.f32, None),
+    ),
+    derived=(
+        *G.COMMON_DERIVED, _gguf_layers, _gguf_attention, _gguf_mlp, _gguf_moe, _gguf_rope, _gguf_ple,
+    ),  # fmt: skip
+    constants={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+    consumed={
+        "rope_freqs.weight": "generated by llama.cpp's converter; its content is "
+        "rope_parameters.full_attention.partial_rotary_factor",
+    },
+    attn_dims=_gguf_dims,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reference forward (gemma4.md §2)
 # ---------------------------------------------------------------------------------------------
+
+
+def route(
+    ops: L.Ops,
+    x: torch.Tensor,
+    proj: torch.Tensor,
+    scale: torch.Tensor,
+    per_expert_scale: torch.Tensor,
+    top_k: int,
+    eps: float,
+) -> L.Routing:
+    """Gemma-4 router (gemma4.md §2.5): input rms(x)·scale·H^−½ (x = residual before the FFN),
+    softmax over all experts in ≥fp32, top-k, renormalize (no epsilon, as HF), × per_expert_scale."""
+    h = x.shape[-1]
+    r = L.rms_norm(x, None, eps) * scale * (h**-0.5)
+    logits = ops.linear(r, proj)
+    ct = L.compute_dtype(x.dtype)
+    probs = torch.softmax(logits.to(ct), dim=-1)
+    top, idx = torch.topk(probs, top_k, dim=-1)
+    norm = top / top.sum(dim=-1, keepdim=True)
+    weights = norm * per_expert_scale.to(ct)[idx]
+    return L.Routing(logits, probs, idx, norm, weights)
 
 
 def forward_layers(
@@ -275,11 +459,14 @@ def forward_layers(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     embed_scale: str | float = "exact",
+    *,
+    observer: L.Observer | None = None,
 ) -> Generator[int, None, torch.Tensor]:
     """The forward one step at a time: yields L.EMBEDDED after the embedding (and the PLE inputs),
     i after layer i's `l_out-i` tap, and returns `result_norm` `[T, H]`. The K/V of KV-shared
     layers' donors and the PLE inputs live in the generator. Inputs and taps: `forward`."""
     tap = L.as_taps(taps)
+    ops = L.Ops(observer)
     w = L.Weights(tensors, dtype, device)
     ids = L.check_token_ids(token_ids)
     eps, act, n_layers = config.rms_norm_eps, config.hidden_activation, config.num_layers
@@ -296,20 +483,20 @@ def forward_layers(
     def mlp(p: str, x: torch.Tensor, norm_name: str, tap_name: str) -> torch.Tensor:
         # the MLP input is made here and handed on, so only glu_mlp holds it (released before down)
         gate, up, down = w(p + "ffn_gate.weight"), w(p + "ffn_up.weight"), w(p + "ffn_down.weight")
-        return L.glu_mlp(tap(tap_name, norm(x, p + norm_name)), gate, up, down, act)
+        return ops.glu_mlp(tap(tap_name, norm(x, p + norm_name)), gate, up, down, act)
 
     def attend(i: int, p: str, kind: str, hd: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
         """Layer i's attention up to `kqv_out-i` (the output projection's input)."""
         a = tap(f"attn_norm-{i}", norm(x, p + "attn_norm.weight"))
-        q = tap(f"Qcur-{i}", L.linear(a, w(p + "attn_q.weight"))).view(t, -1, hd)
+        q = tap(f"Qcur-{i}", ops.linear(a, w(p + "attn_q.weight"))).view(t, -1, hd)
         q = norm(q, p + "attn_q_norm.weight")
         tap(f"Qcur_normed-{i}", q.reshape(t, -1))
         q = L.apply_rope(q, cos, sin)
         tap(f"Qcur_pos-{i}", q.reshape(t, -1))
         if kv_source[i] == i:
-            kr = tap(f"Kcur-{i}", L.linear(a, w(p + "attn_k.weight")))
+            kr = tap(f"Kcur-{i}", ops.linear(a, w(p + "attn_k.weight")))
             # k_eq_v: V is the raw K projection (before k_norm and RoPE)
-            vr = L.linear(a, w(p + "attn_v.weight")) if config.has_v_proj[i] else kr
+            vr = ops.linear(a, w(p + "attn_v.weight")) if config.has_v_proj[i] else kr
             tap(f"Vcur-{i}", vr)
             k = norm(kr.view(t, -1, hd), p + "attn_k_norm.weight")
             v = norm(vr.view(t, -1, hd), None)
@@ -318,24 +505,24 @@ def forward_layers(
             k = L.apply_rope(k, cos, sin)
             tap(f"Kcur_pos-{i}", k.reshape(t, -1))
             if i in donors:
-                kv[i] = (L.keep(k), L.keep(v))
+                kv[i] = (ops.keep(k), ops.keep(v))
         else:
             k, v = kv[kv_source[i]]
         window = config.sliding_window if kind == SLIDING else None
         return tap(f"kqv_out-{i}", L.attention(q, k, v, 1.0, window=window))
 
     h = config.hidden_size
-    x = L.keep(tap("inp_scaled", w.rows("token_embd.weight", ids) * embed_scale_value(h, embed_scale)))
+    x = ops.keep(tap("inp_scaled", w.rows("token_embd.weight", ids) * embed_scale_value(h, embed_scale)))
 
     ple = None
     p_dim = config.per_layer_input_size
     if p_dim:
         tok = w.rows("per_layer_token_embd.weight", ids) * embed_scale_value(p_dim, embed_scale)
         tap("inp_per_layer_selected", tok)
-        ctx = L.linear(x, w("per_layer_model_proj.weight")) * h**-0.5
+        ctx = ops.linear(x, w("per_layer_model_proj.weight")) * h**-0.5
         ctx = norm(ctx.view(t, n_layers, p_dim), "per_layer_proj_norm.weight")
         tap("per_layer_proj", ctx.reshape(t, -1))
-        ple = L.keep((ctx + tok.view(t, n_layers, p_dim)) * 2.0**-0.5)
+        ple = ops.keep((ctx + tok.view(t, n_layers, p_dim)) * 2.0**-0.5)
         tap("inp_per_layer", ple.reshape(t, -1))
         del tok, ctx
     yield L.EMBEDDED
@@ -354,15 +541,16 @@ def forward_layers(
         # rest: a calibration sequence parked at a Linear holds just the kept tensors (residual,
         # donor K/V, PLE inputs) and that Linear's input (nvq.quant.capture).
         o = attend(i, p, kind, hd, x, cos, sin)
-        o = norm(L.linear(o, w(p + "attn_output.weight")), p + "post_attention_norm.weight")
+        o = norm(ops.linear(o, w(p + "attn_output.weight")), p + "post_attention_norm.weight")
         tap(f"attn_post_norm-{i}", o)
-        x = L.keep(tap(f"ffn_inp-{i}", tap(f"attn_out-{i}", x + o)))
+        x = ops.keep(tap(f"ffn_inp-{i}", tap(f"attn_out-{i}", x + o)))
         del o
 
         if config.num_experts:
             m = mlp(p, x, "ffn_norm.weight", f"ffn_norm_1-{i}")
             m = tap(f"ffn_mlp-{i}", norm(m, p + "post_ffw_norm_1.weight"))
-            r = L.gemma4_route(
+            r = route(
+                ops,
                 x,
                 w(p + "ffn_gate_inp.weight"),
                 w(p + "ffn_gate_inp.scale"),
@@ -376,26 +564,26 @@ def forward_layers(
             tap(f"ffn_moe_weights_norm-{i}", r.weights_norm)
             xe = tap(f"ffn_norm_2-{i}", norm(x, p + "pre_ffw_norm_2.weight"))
             gate_up, down = w.experts(p + "ffn_gate_up_exps.weight"), w.experts(p + "ffn_down_exps.weight")
-            e = L.moe_experts(xe, gate_up, down, r.experts, r.weights, act)
+            e = ops.moe_experts(xe, gate_up, down, r.experts, r.weights, act)
             e = norm(tap(f"ffn_moe_out-{i}", e), p + "post_ffw_norm_2.weight")
             m = tap(f"ffn_moe_combined-{i}", m + tap(f"ffn_moe-{i}", e))
             del r, xe, e
         else:
             m = tap(f"ffn_out-{i}", mlp(p, x, "ffn_norm.weight", f"ffn_norm-{i}"))
-        x = L.keep(x + tap(f"ffn_post_norm-{i}", norm(m, p + "post_ffw_norm.weight")))
+        x = ops.keep(x + tap(f"ffn_post_norm-{i}", norm(m, p + "post_ffw_norm.weight")))
         del m
 
         if ple is not None:
             tap(f"pe_in-{i}", x)
-            g = L.activation(act)(L.linear(x, w(p + "inp_gate.weight"))) * ple[:, i, :]
-            g = norm(L.linear(g, w(p + "proj.weight")), p + "post_norm.weight")
-            x = L.keep(x + tap(f"per_layer_embd_out-{i}", g))
+            g = L.activation(act)(ops.linear(x, w(p + "inp_gate.weight"))) * ple[:, i, :]
+            g = norm(ops.linear(g, w(p + "proj.weight")), p + "post_norm.weight")
+            x = ops.keep(x + tap(f"per_layer_embd_out-{i}", g))
             del g
 
         scalar = w.get(p + "layer_output_scale.weight")
         if scalar is not None:
             x = x * scalar
-        x = L.keep(tap(f"l_out-{i}", x))
+        x = ops.keep(tap(f"l_out-{i}", x))
         yield i
 
     return tap("result_norm", norm(x, "output_norm.weight"))
@@ -404,7 +592,7 @@ def forward_layers(
 def head(config: Gemma4Config, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
     """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`), softcapped elementwise: the
     head in any chunks."""
-    return L.softcap(L.linear(hidden, weight_rows), config.final_logit_softcapping)
+    return L.softcap(L.UNOBSERVED.linear(hidden, weight_rows), config.final_logit_softcapping)
 
 
 def forward(
@@ -415,6 +603,8 @@ def forward(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     embed_scale: str | float = "exact",
+    *,
+    observer: L.Observer | None = None,
 ) -> torch.Tensor:
     """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors.
 
@@ -422,7 +612,7 @@ def forward(
     fp32), "hf_bf16" by their bf16 roundings (transformers with bf16 weights, gemma4.md §2.2).
     Tap names: the module docstring.
     """
-    steps = forward_layers(config, tensors, token_ids, taps, dtype, device, embed_scale)
+    steps = forward_layers(config, tensors, token_ids, taps, dtype, device, embed_scale, observer=observer)
     x = L.run_layers(steps)
     logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
     return L.as_taps(taps)("result_output", logits)

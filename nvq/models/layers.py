@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ NORM_PLAIN = "plain"  # Gemma-4: (x·rsqrt(·))_f32 · w_f32, then cast
 NORM_KINDS = (NORM_LLAMA, NORM_ONE_PLUS, NORM_PLAIN)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -46,7 +46,7 @@ def rms_norm(
     """
     if kind not in NORM_KINDS:
         raise ValueError(f"unknown RMSNorm kind {kind!r}; expected one of {NORM_KINDS}")
-    ct = _compute_dtype(x.dtype)
+    ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
@@ -187,7 +187,7 @@ def attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     allowed = attention_mask(t, window, device=q.device)
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     scores = scores.to(ct).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.einsum("kgqs,skd->qkgd", probs, v)  # [Tq, Hkv, g, D]
@@ -220,29 +220,14 @@ def activation(name: str):
         ) from None
 
 
-# Calibration hook (nvq.quant.capture): called with (input, weight, expert index or None) before
-# a weight is used, so GPTQ can record each Linear's inputs and quantize it before it runs.
-_observer = None
-# Calibration parking (nvq.quant.capture): called with every tensor a forward passes to `keep`.
-_keeper = None
+class Observer(Protocol):
+    """What GPTQ calibration (nvq.quant.capture) sees of a forward it is handed explicitly."""
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | ExpertModules, expert: int | None) -> None:
+        """Called with a Linear's input before `weight` (or expert `expert` of it) is used."""
 
-def set_linear_observer(observer, keeper=None) -> None:
-    """Install (or with None remove) the process-wide Linear observer and the `keep` hook; see
-    nvq.quant.capture."""
-    global _observer, _keeper
-    _observer, _keeper = observer, keeper
-
-
-def keep(t: torch.Tensor) -> torch.Tensor:
-    """Returns t. Marks an activation the forward holds across later Linears (the residual
-    stream, K/V or PLE inputs kept for later layers): a calibration sequence parked at a Linear
-    may have its kept tensors and the Linear's input moved off the device until it resumes.
-    Tensors a forward holds but no longer needs should be released instead (end of a helper's
-    frame, `del`), so the parked state is the kept set plus the Linear's input."""
-    if _keeper is not None:
-        _keeper(t)
-    return t
+    def keep(self, t: torch.Tensor) -> None:
+        """Called with every tensor the forward passes to `Ops.keep`."""
 
 
 class InputQuantized(torch.Tensor):
@@ -258,13 +243,6 @@ def _served(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.
     if isinstance(weight, InputQuantized):
         return type(weight).quantize_input(x), weight.as_subclass(torch.Tensor)
     return x, weight
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x `[T, in]` · Wᵀ (`[out, in]`) + b."""
-    if _observer is not None:
-        _observer(x, weight, None)
-    return F.linear(*_served(x, weight), bias)
 
 
 # A fused expert stack `[E, rows, cols]`, or a function giving expert e's `[rows, cols]` (a lazy
@@ -283,38 +261,6 @@ class ExpertModules:
         return self.weights(f"{self.name}[{e}]")
 
 
-def _expert_linear(x: torch.Tensor, stack: ExpertStack | ExpertModules, e: int) -> torch.Tensor:
-    """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
-    if isinstance(stack, ExpertModules):  # a weight of its own, observed as expert e
-        w = stack[e]
-        if _observer is not None:
-            _observer(x, w, e)
-        return F.linear(*_served(x, w))
-    if _observer is not None:
-        _observer(x, stack, e)
-    return F.linear(*_served(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e)))
-
-
-def glu_mlp(
-    x: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    down: torch.Tensor,
-    act: str,
-    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (
-        None,
-        None,
-        None,
-    ),
-) -> torch.Tensor:
-    """down·(act(gate·x) ⊙ up·x): SwiGLU with act="silu", GeGLU with act="gelu_pytorch_tanh"."""
-    fn = activation(act)
-    bg, bu, bd = biases
-    h = fn(linear(x, gate, bg)) * linear(x, up, bu)
-    del x  # a calibration sequence parks at `down`; its input is no longer part of its state
-    return linear(h, down, bd)
-
-
 ALL_EXPERTS = -1  # observer's expert index for the MoE block's input before routing
 
 
@@ -324,90 +270,122 @@ class Routing:
     probs: torch.Tensor  # [T, E] softmax over all experts
     experts: torch.Tensor  # [T, K] selected expert ids, by descending probability
     weights_norm: torch.Tensor  # [T, K] top-k probabilities renormalized to sum 1
-    weights: torch.Tensor  # [T, K] weights_norm · per_expert_scale[expert]
+    weights: torch.Tensor  # [T, K] the weights the expert outputs are summed with
 
 
-def gemma4_route(
-    x: torch.Tensor,
-    proj: torch.Tensor,
-    scale: torch.Tensor,
-    per_expert_scale: torch.Tensor,
-    top_k: int,
-    eps: float,
-) -> Routing:
-    """Gemma-4 router (gemma4.md §2.5): input rms(x)·scale·H^−½ (x = residual before the FFN),
-    softmax over all experts in ≥fp32, top-k, renormalize (no epsilon, as HF), × per_expert_scale."""
-    h = x.shape[-1]
-    r = rms_norm(x, None, eps) * scale * (h**-0.5)
-    logits = linear(r, proj)
-    ct = _compute_dtype(x.dtype)
-    probs = torch.softmax(logits.to(ct), dim=-1)
-    top, idx = torch.topk(probs, top_k, dim=-1)
-    norm = top / top.sum(dim=-1, keepdim=True)
-    weights = norm * per_expert_scale.to(ct)[idx]
-    return Routing(logits, probs, idx, norm, weights)
+class Ops:
+    """The operations of a forward that run Linears or hold activations, bound to the forward's
+    observer (None outside calibration). A forward makes one and passes it to its helpers."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self.observer = observer
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """Returns t. Marks an activation the forward holds across later Linears (the residual
+        stream, K/V or PLE inputs kept for later layers): a calibration sequence parked at a Linear
+        may have its kept tensors and the Linear's input moved off the device until it resumes.
+        Tensors a forward holds but no longer needs should be released instead (end of a helper's
+        frame, `del`), so the parked state is the kept set plus the Linear's input."""
+        if self.observer is not None:
+            self.observer.keep(t)
+        return t
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[T, in]` · Wᵀ (`[out, in]`) + b."""
+        if self.observer is not None:
+            self.observer.linear(x, weight, None)
+        return F.linear(*_served(x, weight), bias)
+
+    def _expert_linear(self, x: torch.Tensor, stack: ExpertStack | ExpertModules, e: int) -> torch.Tensor:
+        """x · stack[e]ᵀ, announced to the observer as expert e of the stack (a view has no identity)."""
+        if isinstance(stack, ExpertModules):  # a weight of its own, observed as expert e
+            w = stack[e]
+            if self.observer is not None:
+                self.observer.linear(x, w, e)
+            return F.linear(*_served(x, w))
+        if self.observer is not None:
+            self.observer.linear(x, stack, e)
+        return F.linear(*_served(x, stack[e] if isinstance(stack, torch.Tensor) else stack(e)))
+
+    def glu_mlp(
+        self,
+        x: torch.Tensor,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        act: str,
+        biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+    ) -> torch.Tensor:
+        """down·(act(gate·x) ⊙ up·x): SwiGLU with act="silu", GeGLU with act="gelu_pytorch_tanh"."""
+        fn = activation(act)
+        bg, bu, bd = biases
+        h = fn(self.linear(x, gate, bg)) * self.linear(x, up, bu)
+        del x  # a calibration sequence parks at `down`; its input is no longer part of its state
+        return self.linear(h, down, bd)
+
+    def softmax_route(self, x: torch.Tensor, proj: torch.Tensor, top_k: int, normalize: bool) -> Routing:
+        """Qwen3-MoE / Mixtral router: softmax of proj·x over all experts in ≥fp32, top-k, and with
+        `normalize` (HF norm_topk_prob) the k weights renormalized to sum 1."""
+        logits = self.linear(x, proj)
+        probs = torch.softmax(logits.to(compute_dtype(x.dtype)), dim=-1)
+        top, idx = torch.topk(probs, top_k, dim=-1)
+        norm = top / top.sum(dim=-1, keepdim=True) if normalize else top
+        return Routing(logits, probs, idx, norm, norm)
+
+    def moe_glu(
+        self,
+        x: torch.Tensor,
+        gate: ExpertStack | ExpertModules,
+        up: ExpertStack | ExpertModules,
+        down: ExpertStack | ExpertModules,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        act: str,
+    ) -> torch.Tensor:
+        """`moe_experts` with gate `[E, Ie, H]` and up `[E, Ie, H]` as separate stacks (llama.cpp's
+        ffn_gate_exps / ffn_up_exps), or as per-expert Linears (ExpertModules)."""
+        fn = activation(act)
+        out = torch.zeros_like(x)
+        if self.observer is not None:  # every token: the fallback Hessian of rarely routed experts
+            self.observer.linear(x, gate, ALL_EXPERTS)
+            self.observer.linear(x, up, ALL_EXPERTS)
+        for e in torch.unique(experts).tolist():
+            tok, slot = torch.nonzero(experts == e, as_tuple=True)
+            xe = x[tok]
+            y = self._expert_linear(fn(self._expert_linear(xe, gate, e)) * self._expert_linear(xe, up, e), down, e)
+            out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+        return out
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        gate_up: ExpertStack,
+        down: ExpertStack,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        act: str,
+    ) -> torch.Tensor:
+        """Σ_k w_k · D_e(act(G_e·x) ⊙ U_e·x) over the selected experts e = experts[t, k].
+
+        gate_up `[E, 2·Ie, H]` (rows [0, Ie) gate, [Ie, 2·Ie) up), down `[E, H, Ie]`, or functions of
+        e giving one expert's rows (see ExpertStack). Loops over the experts that at least one token
+        selected; tokens are batched per expert.
+        """
+        fn = activation(act)
+        out = torch.zeros_like(x)
+        if self.observer is not None:  # every token: the fallback Hessian of rarely routed experts
+            self.observer.linear(x, gate_up, ALL_EXPERTS)
+        for e in torch.unique(experts).tolist():
+            tok, slot = torch.nonzero(experts == e, as_tuple=True)
+            xe = x[tok]
+            gu = self._expert_linear(xe, gate_up, e)
+            ie = gu.shape[-1] // 2
+            y = self._expert_linear(fn(gu[:, :ie]) * gu[:, ie:], down, e)
+            out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+        return out
 
 
-def softmax_route(x: torch.Tensor, proj: torch.Tensor, top_k: int, normalize: bool) -> Routing:
-    """Qwen3-MoE / Mixtral router: softmax of proj·x over all experts in ≥fp32, top-k, and with
-    `normalize` (HF norm_topk_prob) the k weights renormalized to sum 1."""
-    logits = linear(x, proj)
-    probs = torch.softmax(logits.to(_compute_dtype(x.dtype)), dim=-1)
-    top, idx = torch.topk(probs, top_k, dim=-1)
-    norm = top / top.sum(dim=-1, keepdim=True) if normalize else top
-    return Routing(logits, probs, idx, norm, norm)
-
-
-def moe_glu(
-    x: torch.Tensor,
-    gate: ExpertStack | ExpertModules,
-    up: ExpertStack | ExpertModules,
-    down: ExpertStack | ExpertModules,
-    experts: torch.Tensor,
-    weights: torch.Tensor,
-    act: str,
-) -> torch.Tensor:
-    """`moe_experts` with gate `[E, Ie, H]` and up `[E, Ie, H]` as separate stacks (llama.cpp's
-    ffn_gate_exps / ffn_up_exps), or as per-expert Linears (ExpertModules)."""
-    fn = activation(act)
-    out = torch.zeros_like(x)
-    if _observer is not None:  # every token: the fallback Hessian of rarely routed experts
-        _observer(x, gate, ALL_EXPERTS)
-        _observer(x, up, ALL_EXPERTS)
-    for e in torch.unique(experts).tolist():
-        tok, slot = torch.nonzero(experts == e, as_tuple=True)
-        xe = x[tok]
-        y = _expert_linear(fn(_expert_linear(xe, gate, e)) * _expert_linear(xe, up, e), down, e)
-        out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
-    return out
-
-
-def moe_experts(
-    x: torch.Tensor,
-    gate_up: ExpertStack,
-    down: ExpertStack,
-    experts: torch.Tensor,
-    weights: torch.Tensor,
-    act: str,
-) -> torch.Tensor:
-    """Σ_k w_k · D_e(act(G_e·x) ⊙ U_e·x) over the selected experts e = experts[t, k].
-
-    gate_up `[E, 2·Ie, H]` (rows [0, Ie) gate, [Ie, 2·Ie) up), down `[E, H, Ie]`, or functions of
-    e giving one expert's rows (see ExpertStack). Loops over the experts that at least one token
-    selected; tokens are batched per expert.
-    """
-    fn = activation(act)
-    out = torch.zeros_like(x)
-    if _observer is not None:
-        _observer(x, gate_up, ALL_EXPERTS)  # every token: the fallback Hessian of rarely routed experts
-    for e in torch.unique(experts).tolist():
-        tok, slot = torch.nonzero(experts == e, as_tuple=True)
-        xe = x[tok]
-        gu = _expert_linear(xe, gate_up, e)
-        ie = gu.shape[-1] // 2
-        y = _expert_linear(fn(gu[:, :ie]) * gu[:, ie:], down, e)
-        out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
-    return out
+UNOBSERVED = Ops()  # outside calibration: the LM head, tests
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

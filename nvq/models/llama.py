@@ -31,9 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
+from nvq.errors import ConfigError
+from nvq.io import gguf_config as G
 from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
+from nvq.models.blame import COMMON_BLAME
+from nvq.models.gguf_fields import ARCH, COMMON_FIELDS, TENSORS, meta, optional, rope_fields
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,65 @@ TABLE = NameTable(
 )
 
 IGNORE_PATTERNS: tuple[str, ...] = ()
+MODEL_TYPES = ("llama",)
+
+# ---------------------------------------------------------------------------------------------
+# GGUF metadata → HF config
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_rope(m: G.Meta, cfg: dict) -> None:
+    """Llama-style RoPE (also Qwen3's): whole heads rotate, scaling none or linear."""
+    if m.has_tensor("rope_freqs.weight"):
+        raise ConfigError(
+            f"{m.gf.path} carries rope_freqs (Llama-3-style RoPE scaling), whose parameters the "
+            f"GGUF does not keep; nvq cannot rebuild its HF config."
+        )
+    rope_dims = m.scalar("rope.dimension_count", cfg["head_dim"])
+    if rope_dims != cfg["head_dim"]:
+        raise ConfigError(
+            f"{m.gf.path}: rope.dimension_count is {rope_dims} but head_dim is {cfg['head_dim']}; "
+            f"HF Llama rotates whole heads."
+        )
+    cfg["rope_parameters"] = G.rope_parameters(m, G.f32(m.scalar("rope.freq_base", 10000.0)))
+
+
+def _biases(m: G.Meta, cfg: dict) -> None:
+    cfg["attention_bias"] = m.has_tensor("blk.0.attn_q.bias") or m.has_tensor("blk.0.attn_qkv.bias")
+    cfg["mlp_bias"] = m.has_tensor("blk.0.ffn_up.bias")
+
+
+GGUF_ARCH = "llama"
+GGUF_SPEC = G.ArchSpec(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    hf_prefix="model.",
+    keys=(*G.COMMON_KEYS, G.Key("feed_forward_length", "intermediate_size")),
+    derived=(*G.COMMON_DERIVED, G.head_counts, gguf_rope, _biases),
+    constants={"hidden_act": "silu"},
+    # llama.cpp's converter permutes Q/K rows (gemma4.md §8)
+    fixes=(
+        G.Fix(r"blk\.\d+\.attn_q\.(weight|bias)", G.Unpermute("q")),
+        G.Fix(r"blk\.\d+\.attn_k\.(weight|bias)", G.Unpermute("k")),
+    ),
+)
+
+BLAME = COMMON_BLAME
+# where the GGUF holds each parsed config field (nvq.models.gguf_fields)
+GGUF_FIELDS = {
+    **COMMON_FIELDS,
+    "num_kv_heads": meta("attention.head_count_kv"),
+    "head_dim": meta("attention.key_length"),
+    "intermediate_size": meta("feed_forward_length"),
+    **rope_fields("rope", meta("rope.freq_base"), optional("rope.scaling.type"), optional("rope.scaling.factor"),
+                  optional("rope.dimension_count"), TENSORS),
+    "hidden_act": ARCH,  # SwiGLU with SiLU
+    # Mistral's window: llama GGUFs have no such key and llama.cpp's llama graph attends over
+    # the whole context, so the oracle runs with the candidate's window (nvq.models.mistral)
+    "sliding_window": meta("attention.sliding_window", fallback=None),
+}
+# transformers' defaults of HF config fields the parsed config may lack
+HF_DEFAULTS = {"tie_word_embeddings": False, "max_position_embeddings": 2048}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,28 +188,31 @@ def forward_layers(
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    observer: L.Observer | None = None,
 ) -> Generator[int, None, torch.Tensor]:
     """The forward one step at a time: yields L.EMBEDDED after the embedding, i after layer i's
     `l_out-i` tap, and returns `result_norm` `[T, H]`. Inputs and taps: `forward`."""
     tap = L.as_taps(taps)
+    ops = L.Ops(observer)
     w = L.Weights(tensors, dtype, device)
     ids = L.check_token_ids(token_ids)
     eps, hd = config.rms_norm_eps, config.head_dim
     t = ids.shape[0]
     cos, sin = L.rope_cos_sin(L.rope_inv_freq(config.rope, hd), torch.arange(t), dtype, device)
 
-    x = L.keep(tap("embd", w.rows("token_embd.weight", ids)))
+    x = ops.keep(tap("embd", w.rows("token_embd.weight", ids)))
     yield L.EMBEDDED
     for i in range(config.num_layers):
         p = f"blk.{i}."
         # Intermediates live only in `_attention`'s frame or in one expression, and `del` drops
         # the rest: a calibration sequence parked at a Linear holds just the kept residual and
         # that Linear's input (nvq.quant.capture).
-        o = _attention(config, w, tap, i, x, cos, sin)
-        o = L.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias"))
-        x = L.keep(tap(f"ffn_inp-{i}", x + tap(f"attn_out-{i}", o)))
+        o = _attention(config, ops, w, tap, i, x, cos, sin)
+        o = ops.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias"))
+        x = ops.keep(tap(f"ffn_inp-{i}", x + tap(f"attn_out-{i}", o)))
         del o
-        m = L.glu_mlp(
+        m = ops.glu_mlp(
             tap(f"ffn_norm-{i}", L.rms_norm(x, w(p + "ffn_norm.weight"), eps, L.NORM_LLAMA)),
             w(p + "ffn_gate.weight"),
             w(p + "ffn_up.weight"),
@@ -154,21 +220,21 @@ def forward_layers(
             config.hidden_act,
             (w.get(p + "ffn_gate.bias"), w.get(p + "ffn_up.bias"), w.get(p + "ffn_down.bias")),
         )
-        x = L.keep(tap(f"l_out-{i}", x + tap(f"ffn_out-{i}", m)))
+        x = ops.keep(tap(f"l_out-{i}", x + tap(f"ffn_out-{i}", m)))
         del m
         yield i
     return tap("result_norm", L.rms_norm(x, w("output_norm.weight"), eps, L.NORM_LLAMA))
 
 
 def _attention(
-    config: LlamaConfig, w: L.Weights, tap, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    config: LlamaConfig, ops: L.Ops, w: L.Weights, tap, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
     """Layer i's attention up to `kqv_out-i` (the output projection's input)."""
     p, t, hd = f"blk.{i}.", x.shape[0], config.head_dim
     a = tap(f"attn_norm-{i}", L.rms_norm(x, w(p + "attn_norm.weight"), config.rms_norm_eps, L.NORM_LLAMA))
-    q = L.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
-    k = L.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
-    v = L.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias")).view(t, -1, hd)
+    q = ops.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
+    k = ops.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
+    v = ops.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias")).view(t, -1, hd)
     del a
     q = L.apply_rope(q, cos, sin)
     k = L.apply_rope(k, cos, sin)
@@ -180,7 +246,7 @@ def _attention(
 
 def head(config: LlamaConfig, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
     """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`): the head in any chunks."""
-    return L.linear(hidden, weight_rows)
+    return L.UNOBSERVED.linear(hidden, weight_rows)
 
 
 def forward(
@@ -190,10 +256,12 @@ def forward(
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    observer: L.Observer | None = None,
 ) -> torch.Tensor:
     """Logits `[T, V]` of one sequence at positions 0..T−1, from canonical tensors holding HF
     values (no GGUF Q/K permutation). Tap names: the module docstring."""
-    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device))
+    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device, observer=observer))
     logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
     return L.as_taps(taps)("result_output", logits)
 

@@ -9,7 +9,7 @@ and its llama graph attends causally over the whole context (src/models/llama.cp
 attention input with `build_attn_inp_kv`, not the sliding-window `_iswa` one; llama-cpp-python 0.3.36). transformers is right (Mistral-7B
 v0.1 was trained with W = 4096), and the two agree only while a sequence is no longer than W.
 nvq follows transformers; verify takes the window from the candidate, because a llama GGUF cannot
-hold one (`ORACLE_MODULE`, and a note in the certificate's config findings).
+hold one (`GGUF_ARCH`, and a note in the certificate's config findings).
 
 Taps: as llama (nvq.models.llama).
 """
@@ -22,10 +22,15 @@ from nvq.io.hf import HFConfig
 from nvq.models import llama
 from nvq.models.llama import LlamaConfig, forward, forward_layers, head  # noqa: F401  (the module's protocol)
 
-# The nvq.models module whose GGUF (general.architecture) is an oracle for this one.
-ORACLE_MODULE = "llama"
+MODEL_TYPES = ("mistral",)
 TABLE = llama.TABLE
 IGNORE_PATTERNS = llama.IGNORE_PATTERNS
+BLAME = llama.BLAME
+GGUF_FIELDS = llama.GGUF_FIELDS
+HF_DEFAULTS = {"tie_word_embeddings": False, "max_position_embeddings": 131072}
+# llama.cpp converts Mistral to a llama GGUF, which nvq.models.llama reads back (as LlamaForCausalLM)
+GGUF_ARCH = llama.GGUF_ARCH
+GGUF_SPEC = None
 
 
 def parse_config(cfg: HFConfig) -> LlamaConfig:

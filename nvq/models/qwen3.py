@@ -27,13 +27,17 @@ Taps (llama.cpp graph names, src/models/qwen3.cpp), each `[T, features]`:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from nvq.io import gguf_config as G
 from nvq.io.hf import HFConfig
 from nvq.models import layers as L
+from nvq.models import llama
 from nvq.models.base import NameTable, Role, Row, linear_rows, norm_rows
+from nvq.models.blame import COMMON_BLAME, QK_NORM_BLAME
+from nvq.models.gguf_fields import ARCH
 from nvq.models.llama import _rope_spec
 
 SLIDING = "sliding_attention"
@@ -121,6 +125,33 @@ LM_HEAD = {"lm_head.weight": Row("lm_head.weight", "output.weight", Role.LM_HEAD
 TABLE = NameTable(rows=[*ATTENTION_ROWS, *MLP_ROWS], text_prefixes=("model.",), top_level=LM_HEAD)
 
 IGNORE_PATTERNS: tuple[str, ...] = ()
+MODEL_TYPES = ("qwen3",)
+BLAME = (*COMMON_BLAME, *QK_NORM_BLAME)
+GGUF_FIELDS = {
+    **{k: v for k, v in llama.GGUF_FIELDS.items() if k != "sliding_window"},
+    "windows": ARCH,  # llama.cpp's qwen3 graph has no sliding window
+}
+HF_DEFAULTS = {"tie_word_embeddings": False, "max_position_embeddings": 32768}
+
+# ---------------------------------------------------------------------------------------------
+# GGUF metadata → HF config
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_attention_bias(m: G.Meta, cfg: dict) -> None:
+    cfg["attention_bias"] = m.has_tensor("blk.0.attn_q.bias") or m.has_tensor("blk.0.attn_qkv.bias")
+
+
+GGUF_ARCH = "qwen3"
+# Llama's, but llama.cpp's qwen3 graph uses NEOX RoPE, so its converter leaves Q/K rows in HF order
+# (no fixes), and only attention has biases.
+GGUF_SPEC = replace(
+    llama.GGUF_SPEC,
+    architecture="Qwen3ForCausalLM",
+    model_type="qwen3",
+    derived=(*G.COMMON_DERIVED, G.head_counts, llama.gguf_rope, gguf_attention_bias),
+    fixes=(),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +164,7 @@ FFN = Callable[[int, torch.Tensor, str], torch.Tensor]
 
 def decoder_layers(
     config,
+    ops: L.Ops,
     w: L.Weights,
     ids: torch.Tensor,
     tap,
@@ -149,9 +181,9 @@ def decoder_layers(
     for i in range(config.num_layers):
         p = f"blk.{i}."
         a = tap(f"attn_norm-{i}", L.rms_norm(x, w(p + "attn_norm.weight"), eps, L.NORM_LLAMA))
-        q = L.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
-        k = L.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
-        v = tap(f"Vcur-{i}", L.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias"))).view(t, -1, hd)
+        q = ops.linear(a, w(p + "attn_q.weight"), w.get(p + "attn_q.bias")).view(t, -1, hd)
+        k = ops.linear(a, w(p + "attn_k.weight"), w.get(p + "attn_k.bias")).view(t, -1, hd)
+        v = tap(f"Vcur-{i}", ops.linear(a, w(p + "attn_v.weight"), w.get(p + "attn_v.bias"))).view(t, -1, hd)
         q = L.rms_norm(q, w(p + "attn_q_norm.weight"), eps, L.NORM_LLAMA)
         k = L.rms_norm(k, w(p + "attn_k_norm.weight"), eps, L.NORM_LLAMA)
         tap(f"Qcur_normed-{i}", q.reshape(t, -1))
@@ -161,7 +193,7 @@ def decoder_layers(
         tap(f"Kcur-{i}", k.reshape(t, -1))
         window = config.windows[i] if config.windows else None
         o = tap(f"kqv_out-{i}", L.attention(q, k, v, hd**-0.5, window=window))
-        o = tap(f"attn_out-{i}", L.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias")))
+        o = tap(f"attn_out-{i}", ops.linear(o, w(p + "attn_output.weight"), w.get(p + "attn_output.bias")))
         x = tap(f"ffn_inp-{i}", x + o)
         m = tap(f"ffn_norm-{i}", L.rms_norm(x, w(p + "ffn_norm.weight"), eps, L.NORM_LLAMA))
         x = tap(f"l_out-{i}", x + ffn(i, m, p))
@@ -176,21 +208,24 @@ def forward_layers(
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    observer: L.Observer | None = None,
 ) -> Generator[int, None, torch.Tensor]:
     """Stepwise forward: yields L.EMBEDDED, then i after `l_out-i`; returns `result_norm`."""
     tap = L.as_taps(taps)
+    ops = L.Ops(observer)
     w = L.Weights(tensors, dtype, device)
 
     def mlp(i: int, m: torch.Tensor, p: str) -> torch.Tensor:
         gate, up, down = w(p + "ffn_gate.weight"), w(p + "ffn_up.weight"), w(p + "ffn_down.weight")
-        return tap(f"ffn_out-{i}", L.glu_mlp(m, gate, up, down, config.hidden_act))
+        return tap(f"ffn_out-{i}", ops.glu_mlp(m, gate, up, down, config.hidden_act))
 
-    return (yield from decoder_layers(config, w, L.check_token_ids(token_ids), tap, mlp, dtype, device))
+    return (yield from decoder_layers(config, ops, w, L.check_token_ids(token_ids), tap, mlp, dtype, device))
 
 
 def head(config, hidden: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
     """Logits of the vocabulary rows `weight_rows` (`[V_chunk, H]`)."""
-    return L.linear(hidden, weight_rows)
+    return L.UNOBSERVED.linear(hidden, weight_rows)
 
 
 def forward(
@@ -200,8 +235,10 @@ def forward(
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    observer: L.Observer | None = None,
 ) -> torch.Tensor:
     """Logits `[T, V]` of one sequence at positions 0..T−1 from canonical tensors."""
-    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device))
+    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device, observer=observer))
     logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
     return L.as_taps(taps)("result_output", logits)

@@ -32,10 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
+from nvq.io import gguf_config as G
 from nvq.io.hf import HFConfig
 from nvq.models import layers as L
 from nvq.models import qwen3
 from nvq.models.base import NameTable, Role, Row
+from nvq.models.blame import MOE_BLAME
+from nvq.models.gguf_fields import ARCH, meta, optional
+from nvq.models.llama import gguf_rope
 from nvq.models.qwen3 import head  # noqa: F401  (the module's protocol)
 
 
@@ -85,6 +89,42 @@ ROWS = [
 TABLE = NameTable(rows=ROWS, text_prefixes=("model.",), top_level=qwen3.LM_HEAD)
 
 IGNORE_PATTERNS: tuple[str, ...] = ()
+MODEL_TYPES = ("qwen3_moe",)
+BLAME = (*qwen3.BLAME, *MOE_BLAME)
+GGUF_FIELDS = {
+    **qwen3.GGUF_FIELDS,
+    "intermediate_size": optional("feed_forward_length"),
+    "num_experts": meta("expert_count"),
+    "top_k": meta("expert_used_count"),
+    "moe_intermediate_size": meta("expert_feed_forward_length"),
+    "norm_topk_prob": ARCH,  # llama.cpp's qwen3moe graph always renormalizes
+    "moe_layers": ARCH,  # every layer is MoE there
+}
+HF_DEFAULTS = qwen3.HF_DEFAULTS
+
+# ---------------------------------------------------------------------------------------------
+# GGUF metadata → HF config
+# ---------------------------------------------------------------------------------------------
+
+
+def _gguf_moe(m: G.Meta, cfg: dict) -> None:
+    # llama.cpp's qwen3moe graph runs every layer as MoE with renormalized top-k weights.
+    cfg["num_experts"] = int(m.scalar("expert_count"))
+    cfg["num_experts_per_tok"] = int(m.scalar("expert_used_count"))
+    cfg["moe_intermediate_size"] = int(m.scalar("expert_feed_forward_length"))
+    cfg["intermediate_size"] = int(m.scalar("feed_forward_length", cfg["moe_intermediate_size"]))
+
+
+GGUF_ARCH = "qwen3moe"
+GGUF_SPEC = G.ArchSpec(
+    architecture="Qwen3MoeForCausalLM",
+    model_type="qwen3_moe",
+    hf_prefix="model.",
+    keys=G.COMMON_KEYS,
+    derived=(*G.COMMON_DERIVED, G.head_counts, gguf_rope, qwen3.gguf_attention_bias, _gguf_moe),
+    # not in the GGUF: llama.cpp's graph hard-codes both (src/models/qwen3moe.cpp)
+    constants={"hidden_act": "silu", "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,26 +144,29 @@ def forward_layers(
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    observer: L.Observer | None = None,
 ) -> Generator[int, None, torch.Tensor]:
     """Stepwise forward: yields L.EMBEDDED, then i after `l_out-i`; returns `result_norm`."""
     tap = L.as_taps(taps)
+    ops = L.Ops(observer)
     w = L.Weights(tensors, dtype, device)
 
     def ffn(i: int, m: torch.Tensor, p: str) -> torch.Tensor:
         if not config.moe_layers[i]:
             gate, up, down = w(p + "ffn_gate.weight"), w(p + "ffn_up.weight"), w(p + "ffn_down.weight")
-            return tap(f"ffn_out-{i}", L.glu_mlp(m, gate, up, down, config.hidden_act))
-        r = L.softmax_route(m, w(p + "ffn_gate_inp.weight"), config.top_k, config.norm_topk_prob)
+            return tap(f"ffn_out-{i}", ops.glu_mlp(m, gate, up, down, config.hidden_act))
+        r = ops.softmax_route(m, w(p + "ffn_gate_inp.weight"), config.top_k, config.norm_topk_prob)
         tap(f"ffn_moe_logits-{i}", r.logits)
         tap(f"ffn_moe_probs-{i}", r.probs)
         tap(f"ffn_moe_topk-{i}", r.experts)
         tap(f"ffn_moe_weights_norm-{i}", r.weights_norm)
         gate, up = _experts(w, p + "ffn_gate_exps.weight"), _experts(w, p + "ffn_up_exps.weight")
         down = _experts(w, p + "ffn_down_exps.weight")
-        return tap(f"ffn_moe_out-{i}", L.moe_glu(m, gate, up, down, r.experts, r.weights, config.hidden_act))
+        return tap(f"ffn_moe_out-{i}", ops.moe_glu(m, gate, up, down, r.experts, r.weights, config.hidden_act))
 
     ids = L.check_token_ids(token_ids)
-    return (yield from qwen3.decoder_layers(config, w, ids, tap, ffn, dtype, device))
+    return (yield from qwen3.decoder_layers(config, ops, w, ids, tap, ffn, dtype, device))
 
 
 def forward(
@@ -133,8 +176,10 @@ def forward(
     taps: L.Taps | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    observer: L.Observer | None = None,
 ) -> torch.Tensor:
     """Logits `[T, V]` of one sequence at positions 0..T−1 from canonical tensors."""
-    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device))
+    x = L.run_layers(forward_layers(config, tensors, token_ids, taps, dtype, device, observer=observer))
     logits = head(config, x, L.Weights(tensors, dtype, device).lm_head())
     return L.as_taps(taps)("result_output", logits)

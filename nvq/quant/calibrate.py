@@ -17,7 +17,6 @@ budget instead of by the number of sequences, with the same bytes out.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -192,12 +191,11 @@ def run_gptq(
             emit(u, sol.quantized)
 
     capture = SequentialCapture(weights.name_of, requests, solve, _offload(options, device))
-    extra = {"embed_scale": "exact"} if "embed_scale" in inspect.signature(arch.module.forward).parameters else {}
 
-    def forward(i: int, taps) -> None:
+    def forward(i: int, taps, observer) -> None:
         with torch.no_grad():
             arch.module.forward(arch.config, weights, sequences[i], taps=taps, dtype=torch.float32,
-                                device=device, **extra)
+                                device=device, observer=observer)
 
     with _tf32(device):
         capture.run(len(sequences), forward)

@@ -5,9 +5,9 @@ before it (GPTQ's true-sequential order), with one forward per sequence and no p
 points in the model code.
 
 How: each sequence runs in its own thread, but only one thread computes at a time (a baton passed
-by the scheduler), so memory holds one sequence's transient tensors. The Linear observer
-(`nvq.models.layers.set_linear_observer`) accumulates xᵀx for the weight about to be used and
-parks the thread. When every thread is parked or finished, the scheduler hands the earliest
+by the scheduler), so memory holds one sequence's transient tensors. The capture is the forward's
+observer (`nvq.models.layers.Observer`, handed to it as `observer=`): it accumulates xᵀx for the
+weight about to be used and parks the thread. When every thread is parked or finished, the scheduler hands the earliest
 pending request to `solve` (which quantizes the weight in place) and wakes the threads waiting on
 it. MoE experts are requested per expert with only the tokens routed to them; threads then park
 at different experts, and experts are solved in ascending order, which is the order every thread
@@ -18,7 +18,7 @@ is complete once that one is solved: the first sequence to reach such a Linear s
 and no sequence parks there, so a layer has one parking per distinct input (four in Llama).
 
 Parked memory: a parked sequence holds its activations. The forwards release what they no longer
-need (helpers' frames, `del`) and mark with `nvq.models.layers.keep` what they hold across Linears
+need (helpers' frames, `del`) and mark with `Ops.keep` (nvq.models.layers) what they hold across Linears
 (the residual stream, donor K/V, PLE inputs), so at a parking the sequence's state is its live
 kept tensors plus the Linear's input. `nvq.quant.offload.Offload` leaves the first `budget` bytes
 of that state on the device and moves the rest to host memory, by storage, until the sequence
@@ -116,15 +116,18 @@ class _Worker:
     error: BaseException | None = None
     last_x: weakref.ref | None = None  # not a reference: a parked thread must not pin its last input
     last_request: Request | None = None
-    kept: list[weakref.ref] = field(default_factory=list)  # tensors the forward passed to L.keep
+    kept: list[weakref.ref] = field(default_factory=list)  # tensors the forward passed to Ops.keep
 
 
+# forward(sequence index, taps, observer): the reference forward of that sequence
+Forward = Callable[[int, object, L.Observer], None]
 # solve(request, its Hessian or None, Hessian of every token entering that MoE block or None)
 Solve = Callable[[Request, Hessian | None, Hessian | None], None]
 
 
 class SequentialCapture:
-    """Runs `forward(sequence, taps)` for every sequence under the scheduler described above.
+    """Runs `forward(sequence, taps, observer)` for every sequence under the scheduler described
+    above; it is itself the observer (`linear`, `keep`) the forward is to be given.
 
     name_of: the canonical name of a weight tensor the forward reads, or None (not quantized).
     wanted: the requests to solve when reached; others (routers, heads) pass through.
@@ -147,7 +150,7 @@ class SequentialCapture:
 
     # -- inside sequence threads ------------------------------------------------------------
 
-    def _observe(self, x: torch.Tensor, weight: torch.Tensor, expert: int | None) -> None:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | L.ExpertModules, expert: int | None) -> None:
         worker: _Worker | None = getattr(self._local, "worker", None)
         name = weight.name if isinstance(weight, L.ExpertModules) else self.name_of(weight)
         if worker is None or name is None:
@@ -190,7 +193,7 @@ class SequentialCapture:
         worker.last_x, worker.last_request = weakref.ref(x), req
         return False
 
-    def _keep(self, t: torch.Tensor) -> None:
+    def keep(self, t: torch.Tensor) -> None:
         worker: _Worker | None = getattr(self._local, "worker", None)
         if worker is not None and self.offload is not None:
             worker.kept.append(weakref.ref(t))
@@ -210,13 +213,13 @@ class SequentialCapture:
         if parked is not None:
             self.offload.resume(parked)
 
-    def _thread(self, worker: _Worker, forward: Callable[[int, object], None]) -> None:
+    def _thread(self, worker: _Worker, forward: Forward) -> None:
         self._local.worker = worker
         worker.go.wait()
         worker.go.clear()
         try:
             if not self._aborted:
-                forward(worker.index, _StopAtHead())
+                forward(worker.index, _StopAtHead(), self)
         except (_Finished, _Aborted):
             pass
         except BaseException as e:  # handed to the scheduler, which re-raises it
@@ -253,11 +256,11 @@ class SequentialCapture:
         for n in [n for n in self.moe_inputs if Request(n).layer < layer]:
             del self.moe_inputs[n]
 
-    def run(self, n_sequences: int, forward: Callable[[int, object], None]) -> None:
-        """forward(i, taps) runs the reference forward of sequence i with those taps."""
+    def run(self, n_sequences: int, forward: Forward) -> None:
+        """forward(i, taps, observer) runs the reference forward of sequence i with those taps and
+        that observer."""
         workers = [_Worker(i) for i in range(n_sequences)]
         threads = [threading.Thread(target=self._thread, args=(w, forward), daemon=True) for w in workers]
-        L.set_linear_observer(self._observe, self._keep)
         try:
             for t in threads:
                 t.start()
@@ -277,4 +280,3 @@ class SequentialCapture:
                 w.go.set()
             for t in threads:
                 t.join()
-            L.set_linear_observer(None)

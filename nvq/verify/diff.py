@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from nvq.models.blame import Blame
 from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage, local_damage
 from nvq.verify.hints import Evidence, weight_hint
@@ -309,43 +310,13 @@ def diff_weights(
 # First divergence
 # ---------------------------------------------------------------------------------------------
 
-# canonical weight stem → the tap families it feeds first (earliest in graph order wins)
-WEIGHT_TAPS: list[tuple[re.Pattern[str], tuple[str, ...]]] = [
-    (re.compile(p), taps)
-    for p, taps in [
-        (r"token_embd\..*", ("embd", "inp_scaled")),
-        (r"per_layer_.*", ("inp_per_layer_selected", "per_layer_proj", "inp_per_layer")),
-        (r"output_norm\..*", ("result_norm",)),
-        (r"output\..*", ("result_output",)),
-        (r"blk\.\d+\.attn_norm\..*", ("attn_norm",)),
-        (r"blk\.\d+\.attn_q\..*", ("Qcur",)),
-        (r"blk\.\d+\.attn_q_norm\..*", ("Qcur_normed",)),
-        (r"blk\.\d+\.attn_k\..*", ("Kcur", "Vcur")),
-        (r"blk\.\d+\.attn_k_norm\..*", ("Kcur_normed",)),
-        (r"blk\.\d+\.attn_v\..*", ("Vcur",)),
-        (r"blk\.\d+\.attn_output\..*", ("attn_out", "attn_post_norm")),
-        (r"blk\.\d+\.post_attention_norm\..*", ("attn_post_norm",)),
-        (r"blk\.\d+\.ffn_norm\..*", ("ffn_norm", "ffn_norm_1")),
-        (r"blk\.\d+\.ffn_(gate|up|down)\.weight", ("ffn_out", "ffn_mlp")),
-        (r"blk\.\d+\.post_ffw_norm_1\..*", ("ffn_mlp",)),
-        (r"blk\.\d+\.ffn_gate_inp\..*", ("ffn_moe_logits",)),
-        (r"blk\.\d+\.pre_ffw_norm_2\..*", ("ffn_norm_2",)),
-        # Gemma-4 stacks gate with up (ffn_gate_up_exps); Qwen3-MoE keeps ffn_gate_exps / ffn_up_exps
-        (r"blk\.\d+\.ffn_(gate_up|gate|up|down)_exps\..*", ("ffn_moe_out",)),
-        (r"blk\.\d+\.post_ffw_norm_2\..*", ("ffn_moe",)),
-        (r"blk\.\d+\.post_ffw_norm\..*", ("ffn_post_norm",)),
-        (r"blk\.\d+\.(inp_gate|proj|post_norm)\..*", ("per_layer_embd_out",)),
-    ]
-]
-
-
-def entry_tap(weight: str, order: Mapping[str, int]) -> str | None:
-    """The first tap (present in `order`) that the weight feeds."""
+def entry_tap(weight: str, order: Mapping[str, int], blame: Sequence[Blame]) -> str | None:
+    """The first tap (present in `order`) that the weight feeds, by the architecture's blame rows."""
     layer = weight_layer(weight)
     suffix = "" if layer is None else f"-{layer}"
-    for pattern, families in WEIGHT_TAPS:
-        if pattern.fullmatch(weight):
-            present = [f + suffix for f in families if f + suffix in order]
+    for row in blame:
+        if row.matches(weight):
+            present = [f + suffix for f in row.taps if f + suffix in order]
             if present:
                 return min(present, key=order.__getitem__)
     fallback = f"l_out{suffix}" if layer is not None else "result_output"
@@ -365,12 +336,14 @@ def first_divergence(
     taps: list[TapDiff],
     weights: list[WeightDiff],
     tap_order: list[str],
+    blame: Sequence[Blame],
     logits_ok: bool = True,
     config: list[dict] = (),
 ) -> dict | None:
     """The earliest point, in graph order (`tap_order`: the oracle's taps as recorded), where the
     candidate leaves its band: the first failing tap, the first tap a failing weight feeds, or the
-    first tap of a layer whose structural config differs (`config`), whichever comes first.
+    first tap of a layer whose structural config differs (`config`), whichever comes first; a
+    weight feeds the taps its architecture's `blame` rows name.
     `tensor` is that layer's failing weight with the largest excess, `hint` its hint (a config
     difference of that layer explains more than a weight)."""
     order = {name: i for i, name in enumerate(tap_order)}
@@ -378,7 +351,7 @@ def first_divergence(
     positions = [order[t.name] for t in taps if not t.ok and t.name in order]
     bad_weights = [w for w in weights if not w.ok]
     for w in bad_weights:
-        tap = entry_tap(w.name, order)
+        tap = entry_tap(w.name, order, blame)
         if tap is not None:
             positions.append(order[tap])
     config_at = {}

@@ -467,14 +467,9 @@ def stream_verify(
 
 
 def _start(lane: Lane, ids: torch.Tensor, recorder: RecordingTaps, device, dtype):
-    import inspect
-
     taps = recorder if lane.name == "oracle" else ReducingTaps(recorder, lane.sums if lane.taps_kept else None, lane.forced)
-    extra = {}
-    if "embed_scale" in inspect.signature(lane.arch.module.forward_layers).parameters:
-        extra["embed_scale"] = "exact"
     return lane.arch.module.forward_layers(lane.arch.config, lane.weights, ids, taps=taps, dtype=dtype,
-                                           device=device, **extra)
+                                           device=device)
 
 
 def _advance(lane: Lane, gens, s: int, stage: int) -> None:

@@ -81,7 +81,7 @@ def load_oracle(path: str | Path, candidate: Candidate) -> Oracle:
     gguf = GGUFSource.open(path)
     arch_name, config = gguf.arch_name, gguf.config
     # a Mistral candidate's GGUF is a llama one: llama.cpp converts it so (nvq.models.mistral)
-    if arch_name != getattr(candidate.arch.module, "ORACLE_MODULE", candidate.arch.name):
+    if gguf.model.gguf.architecture != candidate.arch.gguf_arch:
         raise ConfigError(
             f"oracle {path} is a {arch_name} model but the candidate {candidate.path} is "
             f"{candidate.arch.name}; verify needs a GGUF of the same model."

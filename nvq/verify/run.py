@@ -183,7 +183,7 @@ def verify(
         ) from None
     taps, weights, logits, error = res.taps, res.weights, res.logits, res.candidate_error
     order = res.order
-    first = first_divergence(taps, weights, order, logits.get("ok", True))
+    first = first_divergence(taps, weights, order, arch.blame, logits.get("ok", True))
     first = findings.first_divergence(first, configs + vocab, order)
     serious = [f for f in cand.client_findings if f.serious]
     if first is None and serious:

@@ -10,7 +10,6 @@ its taps measure that layer's own error, not the error accumulated before it.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,9 +62,6 @@ def run_forward(
 ) -> ForwardRun:
     """The reference forward (fp32, or `dtype`; exact embedding scale) over each sequence; taps of all
     sequences concatenated along tokens. With `force`, teacher-forced on that run's stream."""
-    extra = {}
-    if "embed_scale" in inspect.signature(arch.module.forward).parameters:
-        extra["embed_scale"] = "exact"  # fp32 √H, as llama.cpp multiplies it
     per_seq: list[dict[str, torch.Tensor]] = []
     logits, bounds, start = [], [], 0
     for s, ids in enumerate(sequences):
@@ -75,9 +71,7 @@ def run_forward(
             a, b = force.bounds[s]
             taps = ForcingTaps({n: t[a:b] for n, t in force.taps.items() if STREAM_TAPS.fullmatch(n)})
         with torch.no_grad():
-            out = arch.module.forward(
-                arch.config, tensors, ids, taps=taps, dtype=dtype, device=device, **extra
-            )
+            out = arch.module.forward(arch.config, tensors, ids, taps=taps, dtype=dtype, device=device)
         logits.append(out.float().cpu())
         per_seq.append(dict(taps.items()))
         bounds.append((start, start + ids.numel()))

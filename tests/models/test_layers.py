@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nvq.models import gemma4
 from nvq.models import layers as L
 
 
@@ -110,13 +111,13 @@ def test_gemma4_route_and_experts_against_a_token_loop():
     proj = torch.randn(e, h, generator=_g(1), dtype=torch.float64)
     scale = torch.rand(h, generator=_g(2), dtype=torch.float64) + 0.5
     pes = torch.rand(e, generator=_g(3), dtype=torch.float64) + 0.5
-    r = L.gemma4_route(x, proj, scale, pes, k, 1e-6)
+    r = gemma4.route(L.UNOBSERVED, x, proj, scale, pes, k, 1e-6)
     xn = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
     probs = torch.softmax((xn * scale / math.sqrt(h)) @ proj.T, -1)
     assert torch.allclose(r.probs, probs)
     gate_up = torch.randn(e, 2 * ie, h, generator=_g(4), dtype=torch.float64)
     down = torch.randn(e, h, ie, generator=_g(5), dtype=torch.float64)
-    out = L.moe_experts(x, gate_up, down, r.experts, r.weights, "gelu_pytorch_tanh")
+    out = L.UNOBSERVED.moe_experts(x, gate_up, down, r.experts, r.weights, "gelu_pytorch_tanh")
     for i in range(t):
         top = torch.argsort(probs[i], descending=True)[:k]
         assert set(top.tolist()) == set(r.experts[i].tolist())
@@ -134,13 +135,13 @@ def test_glu_mlp_activations():
         torch.randn(*s, generator=_g(i), dtype=torch.float64)
         for i, s in enumerate(((5, 8), (5, 8), (8, 5)))
     )
-    silu = L.glu_mlp(x, g, u, d, "silu")
+    silu = L.UNOBSERVED.glu_mlp(x, g, u, d, "silu")
     assert torch.allclose(silu, ((x @ g.T) * torch.sigmoid(x @ g.T) * (x @ u.T)) @ d.T)
     z = x @ g.T
     gelu = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-    assert torch.allclose(L.glu_mlp(x, g, u, d, "gelu_pytorch_tanh"), (gelu * (x @ u.T)) @ d.T)
+    assert torch.allclose(L.UNOBSERVED.glu_mlp(x, g, u, d, "gelu_pytorch_tanh"), (gelu * (x @ u.T)) @ d.T)
     with pytest.raises(ValueError):
-        L.glu_mlp(x, g, u, d, "relu")
+        L.UNOBSERVED.glu_mlp(x, g, u, d, "relu")
 
 
 def test_taps_record_only_what_was_asked_for():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nvq.models import gemma4, qwen3_moe
 from nvq.models.layers import Taps
 from nvq.models.load import load_hf
 from nvq.verify.diff import entry_tap
@@ -123,8 +124,9 @@ def test_nvfp4_experts_load_in_transformers_as_nvq_decodes_them(suite):
 
 def test_expert_stacks_blame_the_moe_output_tap():
     order = {n: i for i, n in enumerate(["ffn_norm-1", "ffn_moe_logits-1", "ffn_moe_out-1", "l_out-1"])}
-    for part in ("gate", "up", "down", "gate_up"):
-        assert entry_tap(f"blk.1.ffn_{part}_exps.weight", order) == "ffn_moe_out-1"
+    for part, arch in (("gate", qwen3_moe), ("up", qwen3_moe), ("down", qwen3_moe), ("gate_up", gemma4)):
+        assert entry_tap(f"blk.1.ffn_{part}_exps.weight", order, arch.BLAME) == "ffn_moe_out-1"
+        assert entry_tap(f"blk.1.ffn_{part}_exps.weight[3]", order, arch.BLAME) == "ffn_moe_out-1"
 
 
 @pytest.mark.llamacpp

@@ -75,3 +75,36 @@ def test_gemma_head_softcaps_each_chunk(tiny_gemma4_moe_f32, token_ids):
     capped = arch.module.head(cfg, hidden, rows)
     assert torch.equal(capped, torch.tanh(raw / cfg.final_logit_softcapping) * cfg.final_logit_softcapping)
     assert not torch.equal(capped, raw)
+
+
+class Recorder:
+    """An observer that notes every Linear weight (by identity) and every kept tensor."""
+
+    def __init__(self):
+        self.linears, self.kept = [], 0
+
+    def linear(self, x, weight, expert):
+        self.linears.append((id(weight), expert))
+
+    def keep(self, t):
+        self.kept += 1
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_f32", "tiny_gemma4_moe_f32"])
+def test_the_observer_sees_only_the_forward_it_is_handed_to(fixture, token_ids, request):
+    arch, tensors = load_hf(request.getfixturevalue(fixture))
+    cfg, module = arch.config, arch.module
+    seen = Recorder()
+    observed = module.forward_layers(cfg, tensors, token_ids, observer=seen)
+    plain = module.forward_layers(cfg, tensors, token_ids)
+    # interleaved: the unobserved forward's Linears never reach the observer
+    next(observed), next(plain), next(observed)
+    L.run_layers(plain)
+    hidden = L.run_layers(observed)
+    assert seen.kept
+    if fixture == "tiny_llama_f32":  # q, k, v, o, gate, up, down per layer, once each
+        assert len(seen.linears) == 7 * cfg.num_layers
+    else:  # MoE: every expert call is announced with its index, the block input as ALL_EXPERTS
+        assert any(e == L.ALL_EXPERTS for _, e in seen.linears)
+        assert any(e is not None and e >= 0 for _, e in seen.linears)
+    assert torch.equal(hidden, L.run_layers(module.forward_layers(cfg, tensors, token_ids)))

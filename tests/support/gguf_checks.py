@@ -55,7 +55,7 @@ def check_gguf_against_nvq(src: Path, nvq_out: Path, gguf_path: Path) -> int:
                 # llama.cpp folds Gemma-4's per_expert_scale into each expert's down-proj scale
                 expected = expected * per_expert[f"{stem}.scale"][e]
         got = w * scale[0]
-        llama_gguf = getattr(plan.arch.module, "ORACLE_MODULE", plan.arch.name) == "llama"  # Mistral too
+        llama_gguf = plan.arch.gguf_arch == "llama"  # Mistral too
         if llama_gguf and stem.split(".")[-1] in ("attn_q", "attn_k"):
             got = unpermute_llama(got, cfg.num_heads if stem.endswith("attn_q") else cfg.num_kv_heads)
         # gguf multiplies by 1/g (rounded once in fp32) where nvq divides by g: at most 2 ulp apart

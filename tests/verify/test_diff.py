@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nvq.formats import nvfp4
+from nvq.models import llama, qwen3_moe
 from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage
 from nvq.verify.diff import (
@@ -142,26 +143,41 @@ ORDER = ["embd", "attn_norm-0", "Qcur-0", "ffn_norm-0", "ffn_out-0", "l_out-0",
 
 def test_entry_taps():
     order = {n: i for i, n in enumerate(ORDER)}
-    assert entry_tap("blk.1.ffn_norm.weight", order) == "ffn_norm-1"
-    assert entry_tap("blk.0.ffn_down.weight", order) == "ffn_out-0"
-    assert entry_tap("blk.1.layer_output_scale.weight", order) == "l_out-1"  # fallback
-    assert entry_tap("token_embd.weight", order) == "embd"
-    assert entry_tap("output.weight", order) == "result_output"
+    assert entry_tap("blk.1.ffn_norm.weight", order, llama.BLAME) == "ffn_norm-1"
+    assert entry_tap("blk.0.ffn_down.weight", order, llama.BLAME) == "ffn_out-0"
+    assert entry_tap("blk.1.layer_output_scale.weight", order, llama.BLAME) == "l_out-1"  # fallback
+    assert entry_tap("token_embd.weight", order, llama.BLAME) == "embd"
+    assert entry_tap("output.weight", order, llama.BLAME) == "result_output"
+
+
+MOE_ORDER = ["attn_norm-1", "ffn_norm-1", "ffn_moe_logits-1", "ffn_moe_probs-1", "ffn_moe_out-1", "l_out-1",
+             "result_norm", "result_output"]
+
+
+@pytest.mark.parametrize("stack", ["ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight",
+                                   "ffn_gate_exps.weight[5]"])
+def test_a_failing_qwen3_moe_expert_stack_is_blamed_at_the_moe_output(stack):
+    taps = [tap(n, 0.0) for n in MOE_ORDER]
+    bad = [WeightDiff(f"blk.1.{stack}", 1, "nvfp4", 0.9, 0.1, 0.3, False, "expert 5 differs")]
+    fd = first_divergence(taps, bad, MOE_ORDER, qwen3_moe.BLAME)
+    assert (fd["tap"], fd["tensor"], fd["hint"]) == ("ffn_moe_out-1", f"blk.1.{stack}", "expert 5 differs")
+    # blame rows are the architecture's: a dense model's rows know no expert stack
+    assert first_divergence(taps, bad, MOE_ORDER, llama.BLAME)["tap"] == "l_out-1"
 
 
 def test_first_divergence_takes_the_earliest_of_taps_and_weights():
     taps = [tap(n, 0.0, layer=int(n[-1]) if n[-1].isdigit() else None) for n in ORDER]
-    assert first_divergence(taps, [], ORDER) is None
+    assert first_divergence(taps, [], ORDER, llama.BLAME) is None
     taps[ORDER.index("ffn_out-1")] = tap("ffn_out-1", 0.5, layer=1)
-    fd = first_divergence(taps, [], ORDER)
+    fd = first_divergence(taps, [], ORDER, llama.BLAME)
     assert fd["tap"] == "ffn_out-1" and fd["tensor"] is None and "no weight to blame" in fd["hint"]
     weights = [
         WeightDiff("blk.1.ffn_norm.weight", 1, "bf16", 0.3, 0.0, 1e-6, False, "norm missing"),
         WeightDiff("blk.1.ffn_up.weight", 1, "nvfp4", 0.31, 0.1, 0.3, False, "x"),
     ]
-    fd = first_divergence(taps, weights, ORDER)
+    fd = first_divergence(taps, weights, ORDER, llama.BLAME)
     assert fd == {"tap": "ffn_norm-1", "layer": 1, "tensor": "blk.1.ffn_norm.weight", "where": None,
                   "hint": "norm missing"}
     # no candidate taps at all (its forward failed): the oracle's order still places the weight
-    assert first_divergence([], weights[1:], ORDER)["tap"] == "ffn_out-1"
-    assert first_divergence(taps[:1], [], ORDER[:1], logits_ok=False)["tap"] == "result_output"
+    assert first_divergence([], weights[1:], ORDER, llama.BLAME)["tap"] == "ffn_out-1"
+    assert first_divergence(taps[:1], [], ORDER[:1], llama.BLAME, logits_ok=False)["tap"] == "result_output"

@@ -30,10 +30,10 @@ def test_an_input_quantized_weight_keeps_its_type_through_casts_and_quantizes_in
                         SERVINGS["vllm-sm100"])["blk.0.attn_q.weight"]
     cast = served.to(dtype=torch.float64)
     assert isinstance(cast, MXFP4Inputs) and isinstance(cast[0:4], MXFP4Inputs)
-    got = L.linear(x, served)
+    got = L.UNOBSERVED.linear(x, served)
     assert type(got) is torch.Tensor  # the type stays on the weight, not the activations
     assert torch.equal(got, torch.nn.functional.linear(mxfp4_inputs(x), w))
-    assert torch.equal(L.linear(x, w), torch.nn.functional.linear(x, w))
+    assert torch.equal(L.UNOBSERVED.linear(x, w), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.llamacpp
