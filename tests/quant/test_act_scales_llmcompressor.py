@@ -105,3 +105,16 @@ def test_quantization_config_equals_llmcompressor(both):
 
     ours, peer = both
     assert parsed(ours) == parsed(peer)
+
+
+@pytest.mark.llamacpp
+def test_verify_runs_llmcompressors_w4a4_output_with_its_input_scales(both, tiny_llama, tiny_gguf):
+    from nvq.verify.run import verify
+
+    ours, peer = both
+    oracle = tiny_gguf(tiny_llama, "f32")
+    got = {name: verify(d, oracle, n_tokens=32) for name, d in (("nvq", ours), ("llmc", peer))}
+    assert all(r.verdict == "pass" and "NVFP4 W4A4" in r.serving.what for r in got.values())
+    # the same weights and scales within INPUT_SCALE_RTOL: logits within the same order
+    kld = {name: r.logits["mean_kld"] for name, r in got.items()}
+    assert 0.5 < kld["nvq"] / kld["llmc"] < 2, kld
