@@ -118,3 +118,32 @@ def test_verify_runs_llmcompressors_w4a4_output_with_its_input_scales(both, tiny
     # the same weights and scales within INPUT_SCALE_RTOL: logits within the same order
     kld = {name: r.logits["mean_kld"] for name, r in got.items()}
     assert 0.5 < kld["nvq"] / kld["llmc"] < 2, kld
+
+
+def test_moe_experts_layout_and_weight_bytes_equal_llmcompressor(tmp_path, llmc_python):
+    """Qwen3-MoE: per-expert modules, tensor set and weight bytes equal. Input scales are not
+    compared: llm-compressor feeds every expert all tokens (moe_calibrate_all_experts), nvq the
+    routed ones, and on this model llm-compressor 0.14 with transformers 5.17 calibrates under
+    non-causal attention (docs/llmcompressor-input-global-scale.md)."""
+    from tests.support.llmcompressor_client import quantize_nvfp4_w4a4
+    from tests.support.tiny_models import build_tiny_qwen3_moe
+
+    src = build_tiny_qwen3_moe(tmp_path / "src")
+    seqs = calib.calibration_set(src, 512, SAMPLES, SEQ_LEN).sequences
+    peer = load_file(
+        quantize_nvfp4_w4a4(llmc_python, src, seqs, tmp_path / "llmc") / "model.safetensors"
+    )
+    convert(
+        src,
+        tmp_path / "nvq",
+        "nvfp4",
+        device="cpu",
+        activations=ActivationSettings(samples=SAMPLES, seq_len=SEQ_LEN),
+    )
+    ours = load_file(tmp_path / "nvq" / "model.safetensors")
+    assert set(ours) == set(peer)
+    assert "model.layers.0.mlp.experts.3.down_proj.input_global_scale" in ours
+    for k, t in ours.items():
+        assert (t.dtype, t.shape) == (peer[k].dtype, peer[k].shape), k
+        if not k.endswith("input_global_scale"):
+            assert torch.equal(_raw(t), _raw(peer[k])), k
