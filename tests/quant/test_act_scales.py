@@ -141,6 +141,13 @@ def test_act_headroom_without_activations_is_refused(tiny_llama, tmp_path):
     assert "--act-headroom applies with --activations nvfp4 only" in result.output
 
 
+def test_non_positive_act_headroom_is_refused(tiny_llama, tmp_path):
+    flags = ["--scheme", "nvfp4", "--activations", "nvfp4", "--act-headroom", "0"]
+    result = convert_cli(tiny_llama, tmp_path / "out", *flags)
+    assert result.exit_code == 2 and "--act-headroom must be a positive number" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_calibrates_on_the_calib_options(tiny_llama, tmp_path):
     out = tmp_path / "out"
     flags = [
