@@ -41,6 +41,10 @@ ACTIVATION_KINDS = ("nvfp4",)
 # schemes whose checkpoints can carry NVFP4 input scales (compressed-tensors `NVFP4` preset)
 SCHEMES_WITH_ACTIVATIONS = {"nvfp4": "nvfp4"}
 INPUT_SCALE = "input_global_scale"
+SERVING_NOTE = (
+    "vLLM serves W4A4 NVFP4 with FP4 activations on Blackwell (SM100+) and the weights only (Marlin) "
+    "before it; `nvq verify` certifies the W4A4 arithmetic, `--serve-as vllm` the weight-only one."
+)
 
 # compressed-tensors `NVFP4` preset's input_activations as CT 0.20 serializes them (formats.md §1.4;
 # llm-compressor 0.14 with CT 0.19 also writes the keys that are null, which CT 0.20 reads alike)

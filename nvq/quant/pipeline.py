@@ -234,6 +234,7 @@ def convert(
                 summary.backends.append("reference")
             if activations is not None and world.is_main:
                 summary.activations = act_scales.write_all(ckpt, plan, activations, writer, dev)
+                summary.serving_notes.append(act_scales.SERVING_NOTE)
             writer.close()
         except BaseException:
             writer.abort()

@@ -108,6 +108,7 @@ def test_w4a4_weights_equal_weight_only_and_config_declares_input_activations(
     assert qc["config_groups"]["group_0"]["input_activations"] == INPUT_ACTIVATIONS_ARGS
     qc["config_groups"]["group_0"]["input_activations"] = None
     assert qc == qc_a16
+    assert any("W4A4 NVFP4 with FP4 activations on Blackwell" in n for n in summary.serving_notes)
     assert summary.activations.calibration.startswith(
         f"{SAMPLES} × {SEQ_LEN} tokens from embedded corpus"
     )
