@@ -34,6 +34,10 @@ class Scheme(str, Enum):
     bf16 = "bf16"  # dense; GGUF -> HF only for now
 
 
+class Activations(str, Enum):
+    nvfp4 = "nvfp4"
+
+
 class Method(str, Enum):
     gptq = "gptq"
     rtn = "rtn"
@@ -115,9 +119,12 @@ def convert(
     calib_file: Annotated[Path | None, typer.Option("--calib-file", help="UTF-8 text to calibrate on instead of the embedded public-domain corpus.")] = None,
     calib_samples: Annotated[int | None, _int("--calib-samples", help="Calibration sequences (default 128).")] = None,
     calib_seq_len: Annotated[int | None, _int("--calib-seq-len", help="Tokens per calibration sequence (default 2048).")] = None,
+    activations: Annotated[Activations | None, typer.Option("--activations", help="nvfp4: also quantize activations (W4A4): calibrate each Linear's input_global_scale on the --calib-* corpus (--scheme nvfp4 only).")] = None,
+    act_headroom: Annotated[float | None, _float("--act-headroom", help="Multiply every calibrated activation absmax by this (default 1; below 1 clips outliers).")] = None,
 ) -> None:
     """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
     from nvq import dist, limits, report
+    from nvq.quant.act_scales import settings_from_options
     from nvq.quant.gptq_write import GPTQSettings
     from nvq.quant.pipeline import convert as run_convert
     from nvq.quant.pipeline import source_bytes
@@ -131,14 +138,15 @@ def convert(
     def job():
         limits.check_options({"--max-shard-gb": max_shard_gb, "--group-size": group_size, "--tp": tp_size,
                               "--damp": damp, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len})
-        gptq = GPTQSettings(**given) if given else None
+        acts, rest = settings_from_options(activations and activations.value, act_headroom, given)
+        gptq = GPTQSettings(**rest) if rest else None
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
                 report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
             return run_convert(src, out, scheme.value, recipe=recipe, device=device.value,
                                force=force or force_replace_any, replace_any=force_replace_any,
                                max_shard_bytes=int(max_shard_gb * 1e9), progress=tick,
                                dtype=dtype.value if dtype else None, gptq=gptq, tp_size=tp_size,
-                               layer_progress=layer_done)
+                               layer_progress=layer_done, activations=acts)
 
     summary = _guard(job)
     if not world.is_main:

@@ -115,7 +115,13 @@ def convert_summary_dict(s: ConvertSummary) -> dict:
         "warnings": s.warnings,
         "serving_notes": s.serving_notes,
         **({"gptq": gptq_summary_dict(s.gptq)} if s.gptq else {}),
+        **({"activations": activations_summary_dict(s.activations)} if s.activations else {}),
     }
+
+
+def activations_summary_dict(a) -> dict:
+    return {"calibration": a.calibration, "seconds": round(a.seconds, 3),
+            "fallback_experts": a.fallback_experts, "uncalibrated_modules": a.unreached}
 
 
 def gptq_summary_dict(g) -> dict:
@@ -164,6 +170,16 @@ def print_convert_summary(s: ConvertSummary) -> None:
             err.print(f"[yellow]note:[/] {len(r.rtn_weights)} weight(s) were never reached by calibration and were "
                       f"rounded to nearest: {', '.join(r.rtn_weights[:6])}")
         out.print(gptq_summary_line(s.gptq))
+    if s.activations:
+        a = s.activations
+        if a.fallback_experts:
+            err.print(f"[yellow]note:[/] {len(a.fallback_experts)} expert(s) saw too few calibration tokens; their input "
+                      f"scales use the fallback (gate/up: all MoE tokens, down: the layer's largest): "
+                      f"{', '.join(a.fallback_experts[:6])}")
+        if a.unreached:
+            err.print(f"[yellow]note:[/] {len(a.unreached)} module(s) were never reached by calibration; their "
+                      f"input_global_scale is 1: {', '.join(a.unreached[:6])}")
+        out.print(f"NVFP4 activations (W4A4): input_global_scale calibrated on {a.calibration} · {a.seconds:.1f} s")
     out.print(convert_summary_line(s))
 
 

@@ -29,7 +29,7 @@ from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import OutputTensor, ShardedWriter
 from nvq.layouts import compressed_tensors as ct
 from nvq.models.base import Role
-from nvq.quant import gptq_write, tp
+from nvq.quant import act_scales, gptq_write, tp
 from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
 from nvq.quant.stream import AsyncWriter, ChunkReader, Read
@@ -63,6 +63,7 @@ class ConvertSummary:
     serving_notes: list[str] = field(default_factory=list)  # where engines serve it differently
     backends: list[str] = field(default_factory=list)  # what quantized: "kernels", "native" and/or "reference"
     gptq: gptq_write.GPTQSummary | None = None  # method, calibration and per-layer errors (gptq only)
+    activations: act_scales.ActivationReport | None = None  # W4A4 input-scale calibration (--activations)
 
     @property
     def engine(self) -> str:
@@ -165,11 +166,12 @@ def convert(
     tp_size: int | None = None,
     layer_progress: gptq_write.LayerDone | None = None,
     replace_any: bool = False,
+    activations: act_scales.ActivationSettings | None = None,
 ) -> ConvertSummary:
     """SRC (HF directory, or GGUF file for scheme bf16) → OUT. `dtype` ("bfloat16", "float32")
     is the weight dtype of the dense bf16-scheme output; it does not apply to quantized schemes.
     `gptq` holds the GPTQ method and calibration settings; `tp_size` checks tensor-parallel
-    alignment (any scheme). `force` replaces an earlier nvq output at OUT; `replace_any` (with
+    alignment (any scheme); `activations` calibrates NVFP4 input scales (W4A4). `force` replaces an earlier nvq output at OUT; `replace_any` (with
     `force`) replaces whatever directory is there. OUT may never be, hold, or sit inside SRC."""
     started = time.perf_counter()
     if is_gguf(src):
@@ -191,6 +193,7 @@ def convert(
     if gptq is not None and scheme != GPTQ:
         raise ConfigError(f"GPTQ settings (--method, --group-size, --calib-*) apply to --scheme {GPTQ} only.")
     gptq = (gptq or gptq_write.GPTQSettings()) if scheme == GPTQ else None
+    act_scales.check(scheme, activations)
     world = dist.join()
     dev = world.device(resolve_device(device).type)
     _warm_up(dev)
@@ -213,6 +216,9 @@ def convert(
     with _shared_output_dir(world, out, force, replace_any, ckpt.input_paths()) as tmp:
         outputs = plan.output_tensors()
         owned = {t.name for run in mine for g in run for u in g for t in _unit_outputs(plan, u)}
+        if activations is not None:  # W4A4: input scales, calibrated on rank 0 (one forward)
+            outputs += act_scales.output_tensors(plan)
+            owned |= {t.name for t in act_scales.output_tensors(plan)} if world.is_main else set()
         if gptq is not None and world.is_main:  # GPTQ calibrates on rank 0 (one forward, in order)
             owned |= {t.name for u in plan.quantized for t in _unit_outputs(plan, u)}
         if world.is_main:
@@ -226,13 +232,16 @@ def convert(
             if gptq is not None and world.is_main:
                 summary.gptq = gptq_write.quantize_all(ckpt, plan, gptq, writer, dev, tick, layer_progress)
                 summary.backends.append("reference")
+            if activations is not None and world.is_main:
+                summary.activations = act_scales.write_all(ckpt, plan, activations, writer, dev)
+                summary.serving_notes.append(act_scales.SERVING_NOTE)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         _merge_rank_summaries(world, summary)
         if world.is_main:
-            _write_config(ckpt, plan, tmp, gptq)
+            _write_config(ckpt, plan, tmp, gptq, activations is not None)
             ckpt.copy_side_files(tmp)
         summary.bytes_written = sum(t.nbytes for t in outputs)
         summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in plan.layout.output_tensors(u.out, u.shape))
@@ -573,12 +582,15 @@ def _raise_nonfinite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
     raise TensorError(f"{info.path.name}: tensor {u.source} holds {what} at {where}; nvq only converts finite weights.")
 
 
-def _write_config(ckpt: Checkpoint, plan: Plan, out_dir: Path, gptq: gptq_write.GPTQSettings | None) -> None:
+def _write_config(ckpt: Checkpoint, plan: Plan, out_dir: Path, gptq: gptq_write.GPTQSettings | None,
+                  w4a4: bool = False) -> None:
     # Original keys are written back verbatim (both Gemma-4 dialects survive); only the
     # quantization_config is added.
     config = dict(ckpt.config.raw)
     if gptq is None:
         config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore_list())
+        if w4a4:
+            act_scales.add_to_config(config["quantization_config"])
     else:
         qc = gptq_write.quantization_config(plan, gptq)
         config["quantization_config"] = qc

@@ -155,6 +155,7 @@ def _pairs_shape(part: str) -> Callable[[dict[str, tuple[int, ...]]], tuple[int,
 CT_CODECS = {
     "nvfp4-pack-quantized": Codec(
         Scheme("nvfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale", "weight_global_scale"), _ct_nvfp4,
+        optional=("input_global_scale",),  # W4A4: activations (nvq.verify.act_inputs)
         shape=_pairs_shape("weight_packed"),
     ),
     "mxfp4-pack-quantized": Codec(

@@ -24,7 +24,7 @@ from nvq.errors import ConfigError, RecipeError
 from nvq.io.output_guard import refuse_overlap
 from nvq.quant.pipeline import resolve_device
 from nvq.quant.recipe import load_recipe, read_recipe_text, safe_yaml
-from nvq.verify import certificate, config_check, findings, html_report, tokenizer_check
+from nvq.verify import act_inputs, certificate, config_check, findings, html_report, tokenizer_check
 from nvq.verify.candidate import Candidate
 from nvq.verify.diff import (
     TapDiff,
@@ -172,6 +172,7 @@ def verify(
     o_arch = replace(arch, config=config_check.oracle_run_config(arch.name, arch.config, orc.arch_config, orc.metadata))
     n_draws = draws if orc.lossy else 0
     fusion = fusion_groups(cand.arch.table, list(orc.tensors))
+    serving = act_inputs.for_candidate(serving, cand.tensors, cand.config.get("quantization_config"), fusion)
     try:
         res = stream_verify(o_arch, arch, orc.tensors, cand.tensors, cand.schemes, fusion, cand.group_index,
                             _source_dtype(cand), n_draws, seqs, dev, dtype, th, teacher_forced, progress,

@@ -41,18 +41,23 @@ class Serving:
     gptq_scales_in_model_dtype: bool = False
     # candidate scheme name -> the weight type whose inputs are quantized
     input_quantized: Mapping[str, type[InputQuantized]] = field(default_factory=dict)
+    # whether the engine quantizes inputs where the checkpoint declares it (nvq.verify.act_inputs)
+    declared_inputs: bool = False
+    # canonical name -> its weight type (an expert stack: one per expert), from the declaration
+    module_inputs: Mapping[str, object] = field(default_factory=dict)
 
     def needs_view(self, schemes: Mapping) -> bool:
-        return any(s.name in self.input_quantized for s in schemes.values())
+        return bool(self.module_inputs) or any(s.name in self.input_quantized for s in schemes.values())
 
 
 SERVINGS = {
-    "checkpoint": Serving("checkpoint", "the checkpoint's own arithmetic (transformers, GPTQModel, llama.cpp)"),
+    "checkpoint": Serving("checkpoint", "the checkpoint's own arithmetic (transformers, GPTQModel, llama.cpp)",
+                          declared_inputs=True),
     "vllm": Serving("vllm", "vLLM on CPU, Ampere and Hopper: GPTQ scales in the model dtype, FP4 weight-only",
                     gptq_scales_in_model_dtype=True),
     "vllm-sm100": Serving("vllm-sm100", "vLLM on Blackwell (SM100+): as vllm, and MXFP4 Linears and experts "
                           "quantize their inputs to MXFP4", gptq_scales_in_model_dtype=True,
-                          input_quantized={"mxfp4": MXFP4Inputs}),
+                          input_quantized={"mxfp4": MXFP4Inputs}, declared_inputs=True),
 }
 DEFAULT_SERVING = "checkpoint"
 
@@ -65,9 +70,12 @@ class ServedView(Mapping[str, torch.Tensor]):
         self.source = source
         self.kinds = {n: serving.input_quantized[s.name] for n, s in schemes.items()
                       if s.name in serving.input_quantized}
+        self.kinds.update(serving.module_inputs)
 
-    def _typed(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def _typed(self, name: str, t: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         kind = self.kinds.get(name)
+        if isinstance(kind, tuple):  # one type per expert: a whole stack stays untyped
+            kind = kind[expert] if expert is not None else None
         return t.as_subclass(kind) if kind is not None else t
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -89,7 +97,7 @@ class ServedView(Mapping[str, torch.Tensor]):
         return self.source.row_block(name, start, stop)
 
     def expert(self, name: str, e: int) -> torch.Tensor:
-        return self._typed(name, self.source.expert(name, e))
+        return self._typed(name, self.source.expert(name, e), e)
 
 
 # what an engine serves differently from a freshly written checkpoint, by scheme: (when, note)
