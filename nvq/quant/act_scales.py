@@ -19,7 +19,6 @@ calibration tokens, computed as llm-compressor's `NVFP4` preset does (`static_mi
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +119,10 @@ class _AbsMax:
             str, torch.Tensor
         ] = {}  # stack -> absmax of every token entering its block
 
-    def __call__(self, x: torch.Tensor, weight, expert: int | None) -> None:
+    def keep(self, t: torch.Tensor) -> None:
+        pass  # nothing is parked: every sequence advances one layer in step
+
+    def linear(self, x: torch.Tensor, weight, expert: int | None) -> None:
         name = weight.name if isinstance(weight, L.ExpertModules) else self.weights.name_of(weight)
         if name is None or x.numel() == 0:
             return
@@ -146,31 +148,22 @@ def observe_inputs(
     names = canonical_names(ckpt, arch, ckpt.tensors)
     weights = DeviceWeights(ckpt, {c: s for s, c in names.items()}, device)
     observer = _AbsMax(weights)
-    extra = (
-        {"embed_scale": "exact"}
-        if "embed_scale" in inspect.signature(arch.module.forward_layers).parameters
-        else {}
-    )
-    L.set_linear_observer(observer)
-    try:
-        with torch.no_grad():
-            steps = [
-                arch.module.forward_layers(
-                    arch.config, weights, s, dtype=torch.float32, device=device, **extra
-                )
-                for s in sequences
-            ]
-            while steps:
-                layer = None
-                for s in list(steps):
-                    try:
-                        layer = next(s)
-                    except StopIteration:
-                        steps.remove(s)
-                if layer is not None and layer >= 0:
-                    weights.drop_layers_before(layer + 1)
-    finally:
-        L.set_linear_observer(None)
+    with torch.no_grad():
+        steps = [
+            arch.module.forward_layers(
+                arch.config, weights, s, dtype=torch.float32, device=device, observer=observer
+            )
+            for s in sequences
+        ]
+        while steps:
+            layer = None
+            for s in list(steps):
+                try:
+                    layer = next(s)
+                except StopIteration:
+                    steps.remove(s)
+            if layer is not None and layer >= 0:
+                weights.drop_layers_before(layer + 1)
     return observer
 
 
