@@ -15,6 +15,7 @@ from nvq.io.safetensors import OutputTensor
 
 # The compressed-tensors release whose arithmetic and config schema nvq reproduces.
 CT_VERSION = "0.20.0"
+PACKED = "weight_packed"  # E2M1 codes, two to a byte along K
 GLOBAL_SCALE = "weight_global_scale"  # suffix of the per-tensor scale (a divisor, formats.md §1.1)
 
 
@@ -34,7 +35,7 @@ class CTLayout:
         """The tensors one quantized Linear of logical shape [N, K] becomes."""
         n, k = shape
         tensors = [
-            OutputTensor(f"{module}.weight_packed", "U8", (n, k // 2)),
+            OutputTensor(f"{module}.{PACKED}", "U8", (n, k // 2)),
             OutputTensor(f"{module}.weight_scale", self.scale_dtype, (n, k // self.group_size)),
         ]
         if self.has_global_scale:
@@ -50,7 +51,7 @@ class CTLayout:
 def packed_tensors(packed: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """Row-chunk tensors (by suffix) from codes already packed in pairs and their block scales
     (what nvq.ops returns): E4M3 for NVFP4, E8M0 bytes for MXFP4."""
-    return {"weight_packed": packed, "weight_scale": scale}
+    return {PACKED: packed, "weight_scale": scale}
 
 
 def quantization_config(layout: CTLayout, ignore: list[str]) -> dict:

@@ -53,9 +53,15 @@ class GlobalScale:
 class StreamOps:
     """How the streaming pipeline quantizes with a scheme, row chunk by row chunk."""
 
-    quantize: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]  # (chunk, global scale) -> codes, scales
-    quantize_experts: Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]  # [E, N, K] -> codes, scales, [E] globals
-    pack: Callable[[Tensor, Tensor], dict[str, Tensor]]  # (codes, scales) -> output tensors by suffix
+    quantize: Callable[
+        [Tensor, Tensor | None], tuple[Tensor, Tensor]
+    ]  # (chunk, global scale) -> codes, scales
+    quantize_experts: Callable[
+        [Tensor], tuple[Tensor, Tensor, Tensor | None]
+    ]  # [E, N, K] -> codes, scales, [E] globals
+    pack: Callable[
+        [Tensor, Tensor], dict[str, Tensor]
+    ]  # (codes, scales) -> output tensors by suffix
     op: str  # the nvq.ops op whose backend the summary names
     experts_op: str
     global_scale: GlobalScale | None = None
@@ -119,7 +125,14 @@ class SchemeSpec:
 
 
 # what a quantized scheme must say; a dense one needs `expected` only
-QUANTIZED_FIELDS = ("group_sizes", "layout", "encode", "decoders", "scale_block", "quantization_config")
+QUANTIZED_FIELDS = (
+    "group_sizes",
+    "layout",
+    "encode",
+    "decoders",
+    "scale_block",
+    "quantization_config",
+)
 
 _registry: dict[str, SchemeSpec] = {}
 _loaded = False
@@ -139,7 +152,9 @@ def register(spec: SchemeSpec) -> SchemeSpec:
     taken = {n: s.name for s in _registry.values() for n in (s.name, *s.storage_names)}
     clash = [n for n in (spec.name, *spec.storage_names) if n in taken and taken[n] != spec.name]
     if spec.name in _registry or clash:
-        raise ValueError(f"scheme {spec.name!r}: the name(s) {clash or [spec.name]} are already registered.")
+        raise ValueError(
+            f"scheme {spec.name!r}: the name(s) {clash or [spec.name]} are already registered."
+        )
     _registry[spec.name] = spec
     return spec
 
@@ -169,7 +184,9 @@ def get(name: str) -> SchemeSpec:
     """The scheme called `name`, or a RecipeError naming the schemes there are."""
     _load()
     if name not in _registry:
-        raise RecipeError(f"scheme '{name}' is not one nvq knows; choose one of {', '.join(names())}.")
+        raise RecipeError(
+            f"scheme '{name}' is not one nvq knows; choose one of {', '.join(names())}."
+        )
     return _registry[name]
 
 
@@ -178,8 +195,10 @@ def quantizing(name: str) -> SchemeSpec:
     _load()
     spec = _registry.get(name)
     if spec is None or spec.dense:
-        raise RecipeError(f"scheme '{name}' cannot be written by convert yet; choose one of "
-                          f"{', '.join(quantized_names())}.")
+        raise RecipeError(
+            f"scheme '{name}' cannot be written by convert yet; choose one of "
+            f"{', '.join(quantized_names())}."
+        )
     return spec
 
 
@@ -206,8 +225,10 @@ def fixed_group(name: str, layout: Layout) -> Callable[[int | None], Layout]:
     def at(group_size: int | None) -> Layout:
         if group_size is not None and group_size != layout.group_size:
             choosers = [s.name for s in all_schemes() if len(s.group_sizes) > 1]
-            raise RecipeError(f"--group-size applies to --scheme {' or '.join(choosers)}; {name} has a fixed "
-                              f"group size of {layout.group_size}.")
+            raise RecipeError(
+                f"--group-size applies to --scheme {' or '.join(choosers)}; {name} has a fixed "
+                f"group size of {layout.group_size}."
+            )
         return layout
 
     return at

@@ -18,10 +18,12 @@ def expected(w: Tensor, storage, groups: Tensor | None, g: Tensor | None) -> Ten
     return w.to(DTYPES[storage.name]).float()
 
 
-SPEC = schemes.register(schemes.SchemeSpec(
-    name=NAME,
-    summary="dense; a GGUF file to a Hugging Face checkpoint",
-    expected=expected,
-    dense=True,
-    storage_names=tuple(DTYPES),
-))
+SPEC = schemes.register(
+    schemes.SchemeSpec(
+        name=NAME,
+        summary="dense; a GGUF file to a Hugging Face checkpoint",
+        expected=expected,
+        dense=True,
+        storage_names=tuple(DTYPES),
+    )
+)

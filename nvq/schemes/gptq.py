@@ -19,8 +19,10 @@ NAME = "gptq"
 GROUP_SIZES = (128, 64, 32)  # what Marlin serves (formats.md §4.4), largest first
 # storage profile -> the dtype the serving engine holds the scales in (nvq.verify.serving)
 SERVED_SCALES = {"bf16-scales": torch.bfloat16}
-SERVING_NOTE = ("vLLM holds GPTQ's fp16 scales in the model dtype (bfloat16) and rounds them on load; "
-                "`nvq verify --serve-as vllm` certifies what it serves.")
+SERVING_NOTE = (
+    "vLLM holds GPTQ's fp16 scales in the model dtype (bfloat16) and rounds them on load; "
+    "`nvq verify --serve-as vllm` certifies what it serves."
+)
 # GPTQ moves weights to cancel output error: on SmolLM2 (group 64) its weight rel-L2 is 1.27× that
 # of round-to-nearest at the median and 2.83× at worst (blk.11.ffn_down), so its weight band is
 # widened to cover that; its output error, which the taps judge, is below round-to-nearest's.
@@ -47,32 +49,37 @@ def expected(w: Tensor, storage, groups: Tensor | None, g: Tensor | None) -> Ten
 
 def _decoder(checkpoint_format: str) -> schemes.Decoder:
     return schemes.Decoder(
-        "qweight", ("qweight", "qzeros", "scales"), lambda t: layout.dequantize(t, checkpoint_format),
+        "qweight",
+        ("qweight", "qzeros", "scales"),
+        lambda t: layout.dequantize(t, checkpoint_format),
         lambda s: (s["qweight"][1], GPTQ_PACK * s["qweight"][0]),  # qweight [K/8, N]
-        optional=("g_idx",), format=checkpoint_format,
+        optional=("g_idx",),
+        format=checkpoint_format,
     )
 
 
-SPEC = schemes.register(schemes.SchemeSpec(
-    name=NAME,
-    summary="GPTQ v1 int4, symmetric: qweight, qzeros, fp16 scales, trivial g_idx",
-    expected=expected,
-    group_sizes=GROUP_SIZES,
-    layout=at_group_size,
-    encode=encode,
-    whole_model=gptq_write.quantize_all,
-    settings=gptq_write.GPTQSettings,
-    decoders={fmt: _decoder(fmt) for fmt in layout.ZERO_OFFSET},  # v1 and v2
-    # -1: one group per row
-    scale_block=lambda storage, k: k if (storage.group_size or -1) <= 0 else storage.group_size,
-    quantization_config=gptq_write.quantization_config,
-    # AutoGPTQ-era loaders read quantize_config.json; vLLM prefers config.json (formats.md §4.2)
-    config_copies=("quantize_config.json",),
-    serving_notes=lambda model_dtype: [SERVING_NOTE] if model_dtype == "bfloat16" else [],
-    weight_slack=WEIGHT_SLACK,
-    # GPTQ solves each row against the layer's input statistics, so a row's weights may move far
-    # where its inputs are small: SmolLM2's blk.11.ffn_down row 507 sits at 12.8× round-to-nearest's
-    # error, past 3× its own energy or at zero, so GPTQ rows are not judged one by one.
-    judge_rows=False,
-    column_pack=(GPTQ_PACK, "qzeros packing"),
-))
+SPEC = schemes.register(
+    schemes.SchemeSpec(
+        name=NAME,
+        summary="GPTQ v1 int4, symmetric: qweight, qzeros, fp16 scales, trivial g_idx",
+        expected=expected,
+        group_sizes=GROUP_SIZES,
+        layout=at_group_size,
+        encode=encode,
+        whole_model=gptq_write.quantize_all,
+        settings=gptq_write.GPTQSettings,
+        decoders={fmt: _decoder(fmt) for fmt in layout.ZERO_OFFSET},  # v1 and v2
+        # -1: one group per row
+        scale_block=lambda storage, k: k if (storage.group_size or -1) <= 0 else storage.group_size,
+        quantization_config=gptq_write.quantization_config,
+        # AutoGPTQ-era loaders read quantize_config.json; vLLM prefers config.json (formats.md §4.2)
+        config_copies=("quantize_config.json",),
+        serving_notes=lambda model_dtype: [SERVING_NOTE] if model_dtype == "bfloat16" else [],
+        weight_slack=WEIGHT_SLACK,
+        # GPTQ solves each row against the layer's input statistics, so a row's weights may move far
+        # where its inputs are small: SmolLM2's blk.11.ffn_down row 507 sits at 12.8× round-to-nearest's
+        # error, past 3× its own energy or at zero, so GPTQ rows are not judged one by one.
+        judge_rows=False,
+        column_pack=(GPTQ_PACK, "qzeros packing"),
+    )
+)

@@ -9,6 +9,7 @@ from torch import Tensor
 from nvq import ops, schemes
 from nvq.formats.constants import MXFP4_BLOCK
 from nvq.layouts import compressed_tensors as ct
+from nvq.schemes import compressed_tensors as ct_schemes
 
 NAME = "mxfp4"
 LAYOUT = ct.CTLayout(
@@ -55,19 +56,25 @@ def expected(w: Tensor, storage, groups: Tensor | None, g: Tensor | None) -> Ten
     return ops.mxfp4_dequantize_packed(packed, scale, torch.float32)
 
 
-SPEC = schemes.register(schemes.SchemeSpec(
-    name=NAME,
-    summary="compressed-tensors mxfp4-pack-quantized: E2M1, E8M0 scale per 32",
-    expected=expected,
-    group_sizes=(MXFP4_BLOCK,),
-    layout=schemes.fixed_group(NAME, LAYOUT),
-    encode=encode,
-    # a stack is one [E·N, K] launch of the 2-D op, which is the op whose backend ran
-    stream=schemes.StreamOps(quantize, quantize_experts, ct.packed_tensors, "mxfp4_quantize_packed",
-                             "mxfp4_quantize_packed"),
-    decoders={"ct": schemes.Decoder("weight_packed", ("weight_packed", "weight_scale"), decode,
-                                    schemes.pairs_shape("weight_packed"), format=LAYOUT.format)},
-    scale_block=lambda storage, k: MXFP4_BLOCK,
-    quantization_config=lambda plan, settings: ct.quantization_config(LAYOUT, plan.ignore_list()),
-    serving_notes=lambda model_dtype: [SERVING_NOTE],
-))
+SPEC = schemes.register(
+    schemes.SchemeSpec(
+        name=NAME,
+        summary="compressed-tensors mxfp4-pack-quantized: E2M1, E8M0 scale per 32",
+        expected=expected,
+        group_sizes=(MXFP4_BLOCK,),
+        layout=schemes.fixed_group(NAME, LAYOUT),
+        encode=encode,
+        # a stack is one [E·N, K] launch of the 2-D op, which is the op whose backend ran
+        stream=schemes.StreamOps(
+            quantize,
+            quantize_experts,
+            ct.packed_tensors,
+            "mxfp4_quantize_packed",
+            "mxfp4_quantize_packed",
+        ),
+        decoders={"ct": ct_schemes.decoder(LAYOUT, decode)},
+        scale_block=lambda storage, k: MXFP4_BLOCK,
+        quantization_config=ct_schemes.config(LAYOUT),
+        serving_notes=lambda model_dtype: [SERVING_NOTE],
+    )
+)

@@ -11,6 +11,7 @@ from nvq import ops, schemes
 from nvq.formats import e2m1, nvfp4
 from nvq.formats.constants import NVFP4_BLOCK, NVFP4_GLOBAL_NUMERATOR
 from nvq.layouts import compressed_tensors as ct
+from nvq.schemes import compressed_tensors as ct_schemes
 
 NAME = "nvfp4"
 FP16_MAX = 65504.0
@@ -70,34 +71,44 @@ def expected(w: Tensor, storage, groups: Tensor | None, g: Tensor | None) -> Ten
     profile = nvfp4.Profile(storage.profile or "ct")
     if profile is nvfp4.Profile.MODELOPT:
         s2 = 1.0 / g if g is not None else None
-        return nvfp4.dequantize(nvfp4.quantize(w, profile=profile, weight_scale_2=s2), torch.float32)
+        return nvfp4.dequantize(
+            nvfp4.quantize(w, profile=profile, weight_scale_2=s2), torch.float32
+        )
     # the compressed-tensors arithmetic, by the CUDA kernels on a GPU (ops falls back to the reference)
     g = ops.nvfp4_global_scale(ops.tensor_amax(w), w.dtype) if g is None else g
     packed, block_scale = ops.nvfp4_quantize_packed(w, g)
     return ops.nvfp4_dequantize_packed(packed, block_scale, g, torch.float32)
 
 
-SPEC = schemes.register(schemes.SchemeSpec(
-    name=NAME,
-    summary="compressed-tensors nvfp4-pack-quantized: E2M1, FP8 E4M3 scale per 16, fp32 global scale",
-    expected=expected,
-    group_sizes=(NVFP4_BLOCK,),
-    layout=schemes.fixed_group(NAME, LAYOUT),
-    encode=encode,
-    stream=schemes.StreamOps(
-        quantize=ops.nvfp4_quantize_packed,
-        quantize_experts=ops.nvfp4_quantize_experts,
-        pack=ct.packed_tensors,
-        op="nvfp4_quantize_packed",
-        experts_op="nvfp4_quantize_experts",
-        global_scale=schemes.GlobalScale(ct.GLOBAL_SCALE, group_global_scale, nvfp4.global_scale),
-    ),
-    decoders={
-        "ct": schemes.Decoder("weight_packed", ("weight_packed", "weight_scale", ct.GLOBAL_SCALE), decode_ct,
-                              schemes.pairs_shape("weight_packed"), format=LAYOUT.format),
-        "modelopt": schemes.Decoder("weight_scale_2", ("weight", "weight_scale", "weight_scale_2"), decode_modelopt,
-                                    schemes.pairs_shape("weight"), optional=("input_scale",)),
-    },
-    scale_block=lambda storage, k: NVFP4_BLOCK,
-    quantization_config=lambda plan, settings: ct.quantization_config(LAYOUT, plan.ignore_list()),
-))
+SPEC = schemes.register(
+    schemes.SchemeSpec(
+        name=NAME,
+        summary="compressed-tensors nvfp4-pack-quantized: E2M1, FP8 E4M3 scale per 16, fp32 global scale",
+        expected=expected,
+        group_sizes=(NVFP4_BLOCK,),
+        layout=schemes.fixed_group(NAME, LAYOUT),
+        encode=encode,
+        stream=schemes.StreamOps(
+            quantize=ops.nvfp4_quantize_packed,
+            quantize_experts=ops.nvfp4_quantize_experts,
+            pack=ct.packed_tensors,
+            op="nvfp4_quantize_packed",
+            experts_op="nvfp4_quantize_experts",
+            global_scale=schemes.GlobalScale(
+                ct.GLOBAL_SCALE, group_global_scale, nvfp4.global_scale
+            ),
+        ),
+        decoders={
+            "ct": ct_schemes.decoder(LAYOUT, decode_ct),
+            "modelopt": schemes.Decoder(
+                "weight_scale_2",
+                ("weight", "weight_scale", "weight_scale_2"),
+                decode_modelopt,
+                schemes.pairs_shape("weight"),
+                optional=("input_scale",),
+            ),
+        },
+        scale_block=lambda storage, k: NVFP4_BLOCK,
+        quantization_config=ct_schemes.config(LAYOUT),
+    )
+)
