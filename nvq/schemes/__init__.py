@@ -51,17 +51,16 @@ class GlobalScale:
 
 @dataclass(frozen=True)
 class StreamOps:
-    """How the streaming pipeline quantizes with a scheme, row chunk by row chunk."""
+    """How the streaming pipeline quantizes with a scheme, row chunk by row chunk.
 
-    quantize: Callable[
-        [Tensor, Tensor | None], tuple[Tensor, Tensor]
-    ]  # (chunk, global scale) -> codes, scales
-    quantize_experts: Callable[
-        [Tensor], tuple[Tensor, Tensor, Tensor | None]
-    ]  # [E, N, K] -> codes, scales, [E] globals
-    pack: Callable[
-        [Tensor, Tensor], dict[str, Tensor]
-    ]  # (codes, scales) -> output tensors by suffix
+    quantize(chunk, global scale or None) -> (codes, block scales);
+    quantize_experts([E, N, K]) -> (codes, block scales, per-expert global scales or None);
+    pack(codes, block scales) -> the output tensors by suffix.
+    """
+
+    quantize: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
+    quantize_experts: Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]
+    pack: Callable[[Tensor, Tensor], dict[str, Tensor]]
     op: str  # the nvq.ops op whose backend the summary names
     experts_op: str
     global_scale: GlobalScale | None = None
@@ -172,8 +171,11 @@ def _load() -> None:
 
 
 def all_schemes() -> list[SchemeSpec]:
+    """Every scheme, built-in ones in BUILTIN order (whichever module was imported first), then
+    the others as registered."""
     _load()
-    return list(_registry.values())
+    rank = {name: i for i, name in enumerate(BUILTIN)}
+    return sorted(_registry.values(), key=lambda s: rank.get(s.name, len(BUILTIN)))
 
 
 def names() -> list[str]:

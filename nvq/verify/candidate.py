@@ -40,6 +40,7 @@ from nvq.models import Architecture, config_rules, for_config
 from nvq.models.base import NameTable
 from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
+from nvq.schemes.gptq import SERVED_SCALES
 from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
 
 
@@ -155,7 +156,7 @@ GPTQ_CLIENT_CHECKS = {
 # config.json torch_dtype / dtype → the dtype vLLM holds the scales in
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # served scale dtype → the GPTQ scheme profile that says so (fp16 → fp32 is exact: no profile)
-SCALE_PROFILES = {torch.bfloat16: "bf16-scales"}
+SCALE_PROFILES = {dtype: profile for profile, dtype in SERVED_SCALES.items()}
 
 
 def _finding(tensor: str, check: str, what: str, rel_l2: float | None = None) -> ClientFinding:
