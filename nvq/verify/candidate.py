@@ -1,8 +1,9 @@
 """Load any checkpoint under test as canonical float32 tensors, and say how each was stored.
 
 A candidate is a Hugging Face directory: dense, compressed-tensors NVFP4 / MXFP4 (nvq's output or
-another tool's), ModelOpt NVFP4, or GPTQ int4 (v1 or v2, any group size and g_idx). One table, `READERS`, keyed by the `quantization_config`,
-says how its quantized modules decode; everything else is shared: quantized modules become
+another tool's), ModelOpt NVFP4, or GPTQ int4 (v1 or v2, any group size and g_idx). One table,
+`READERS`, keyed by the `quantization_config`, picks the scheme and profile whose decoder
+(`nvq.schemes`) its quantized modules go through; everything else is shared: quantized modules become
 dense `<module>.weight` tensors, per-expert modules (`….experts.E.{gate,up,down}_proj`) are
 reassembled into the fused stacks the name table knows (`experts.gate_up_proj` = per expert
 cat(gate, up), stacked; `experts.down_proj` stacked), and the architecture's name table turns
