@@ -17,6 +17,7 @@ import typer
 from nvq import __version__
 from nvq.errors import ConfigError, NvqError
 from nvq.limits import parse_float, parse_int
+from nvq.schemes import BUILTIN
 
 app = typer.Typer(
     add_completion=False,
@@ -27,11 +28,8 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-class Scheme(str, Enum):
-    nvfp4 = "nvfp4"
-    mxfp4 = "mxfp4"
-    gptq = "gptq"
-    bf16 = "bf16"  # dense; GGUF -> HF only for now
+# --scheme choices: the registry's modules (nvq.schemes), named without importing them
+Scheme = Enum("Scheme", {name: name for name in BUILTIN}, type=str)
 
 
 class Activations(str, Enum):
@@ -123,7 +121,7 @@ def convert(
     act_headroom: Annotated[float | None, _float("--act-headroom", help="Multiply every calibrated activation absmax by this (default 1; below 1 clips outliers).")] = None,
 ) -> None:
     """Convert a checkpoint to compressed-tensors NVFP4 / MXFP4 or GPTQ-int4, or a GGUF file to a dense HF checkpoint."""
-    from nvq import dist, limits, report
+    from nvq import dist, limits, report, schemes
     from nvq.quant.act_scales import settings_from_options
     from nvq.quant.gptq_write import GPTQSettings
     from nvq.quant.pipeline import convert as run_convert
@@ -141,7 +139,8 @@ def convert(
         acts, rest = settings_from_options(activations and activations.value, act_headroom, given)
         gptq = GPTQSettings(**rest) if rest else None
         with report.byte_progress(source_bytes(src), f"{scheme.value}", enabled=interactive) as tick, \
-                report.layer_progress(enabled=interactive and scheme is Scheme.gptq) as layer_done:
+                report.layer_progress(enabled=interactive and schemes.get(scheme.value).whole_model is not None) \
+                as layer_done:
             return run_convert(src, out, scheme.value, recipe=recipe, device=device.value,
                                force=force or force_replace_any, replace_any=force_replace_any,
                                max_shard_bytes=int(max_shard_gb * 1e9), progress=tick,

@@ -15,74 +15,47 @@ from nvq.io.safetensors import OutputTensor
 
 # The compressed-tensors release whose arithmetic and config schema nvq reproduces.
 CT_VERSION = "0.20.0"
+PACKED = "weight_packed"  # E2M1 codes, two to a byte along K
+GLOBAL_SCALE = "weight_global_scale"  # suffix of the per-tensor scale (a divisor, formats.md §1.1)
 
 
 @dataclass(frozen=True)
-class SchemeLayout:
+class CTLayout:
+    """One compressed-tensors scheme's container: its tensors per quantized Linear and its config
+    group. The scheme modules (nvq.schemes) hold the instances."""
+
+    scheme: str  # nvq's name for it, for messages
     format: str  # compressed-tensors format name
     group_size: int
     scale_dtype: str  # safetensors dtype of weight_scale
     has_global_scale: bool
     weights_args: dict  # the "weights" QuantizationArgs of the config group
 
+    def output_tensors(self, module: str, shape: tuple[int, int]) -> list[OutputTensor]:
+        """The tensors one quantized Linear of logical shape [N, K] becomes."""
+        n, k = shape
+        tensors = [
+            OutputTensor(f"{module}.{PACKED}", "U8", (n, k // 2)),
+            OutputTensor(f"{module}.weight_scale", self.scale_dtype, (n, k // self.group_size)),
+        ]
+        if self.has_global_scale:
+            tensors.append(OutputTensor(f"{module}.{GLOBAL_SCALE}", "F32", (1,)))
+        return tensors
 
-LAYOUTS = {
-    "nvfp4": SchemeLayout(
-        format="nvfp4-pack-quantized",
-        group_size=16,
-        scale_dtype="F8_E4M3",
-        has_global_scale=True,
-        weights_args={
-            "num_bits": 4,
-            "type": "float",
-            "symmetric": True,
-            "group_size": 16,
-            "strategy": "tensor_group",
-            "dynamic": False,
-            "scale_dtype": "torch.float8_e4m3fn",
-        },
-    ),
-    "mxfp4": SchemeLayout(
-        format="mxfp4-pack-quantized",
-        group_size=32,
-        scale_dtype="U8",
-        has_global_scale=False,
-        weights_args={
-            "num_bits": 4,
-            "type": "float",
-            "symmetric": True,
-            "group_size": 32,
-            "strategy": "group",
-            "dynamic": False,
-            # CT keys MX scale generation on this field (formats.md §2a); needs CT >= 0.13.
-            "scale_dtype": "torch.uint8",
-        },
-    ),
-}
-
-
-def output_tensors(module: str, shape: tuple[int, int], scheme: str) -> list[OutputTensor]:
-    """The tensors one quantized Linear of logical shape [N, K] becomes."""
-    layout = LAYOUTS[scheme]
-    n, k = shape
-    tensors = [
-        OutputTensor(f"{module}.weight_packed", "U8", (n, k // 2)),
-        OutputTensor(f"{module}.weight_scale", layout.scale_dtype, (n, k // layout.group_size)),
-    ]
-    if layout.has_global_scale:
-        tensors.append(OutputTensor(f"{module}.weight_global_scale", "F32", (1,)))
-    return tensors
+    def shape_problem(self, shape: tuple[int, int]) -> str | None:
+        if shape[1] % self.group_size:
+            return f"input dimension {shape[1]} is not a multiple of the {self.scheme} group size {self.group_size}"
+        return None
 
 
 def packed_tensors(packed: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
     """Row-chunk tensors (by suffix) from codes already packed in pairs and their block scales
     (what nvq.ops returns): E4M3 for NVFP4, E8M0 bytes for MXFP4."""
-    return {"weight_packed": packed, "weight_scale": scale}
+    return {PACKED: packed, "weight_scale": scale}
 
 
-def quantization_config(scheme: str, ignore: list[str]) -> dict:
+def quantization_config(layout: CTLayout, ignore: list[str]) -> dict:
     """Weight-only (A16) config group targeting every Linear not listed in `ignore`."""
-    layout = LAYOUTS[scheme]
     return {
         "quant_method": "compressed-tensors",
         "version": CT_VERSION,

@@ -32,7 +32,7 @@ from nvq.io.safetensors import OutputTensor, ShardedWriter
 from nvq.models import layers as L
 from nvq.models.load import canonical_names
 from nvq.quant import calib
-from nvq.quant.calibrate import DEFAULT_MIN_EXPERT_TOKENS, DeviceWeights, _requests
+from nvq.quant.calibrate import DEFAULT_MIN_EXPERT_TOKENS, DeviceWeights, linear_requests
 from nvq.quant.capture import Request, stack_name
 from nvq.quant.policy import Plan, Unit
 
@@ -243,7 +243,7 @@ def calibrate(
     """Module name -> input_global_scale for every quantized module of the plan."""
     observed = observe_inputs(ckpt, plan, sequences, device)
     names = canonical_names(ckpt, plan.arch, ckpt.tensors)
-    amax = _unit_amax(observed, _requests(plan, names, ckpt), settings, report)
+    amax = _unit_amax(observed, linear_requests(plan, names, ckpt), settings, report)
     return input_global_scales(amax, plan, ckpt, settings.headroom)
 
 

@@ -112,7 +112,7 @@ class DeviceWeights:
             del self._names[id(self.cache.pop(name))]
 
 
-def _requests(plan: Plan, canonical_of: dict[str, str], ckpt: Checkpoint) -> dict[Request, list[Unit]]:
+def linear_requests(plan: Plan, canonical_of: dict[str, str], ckpt: Checkpoint) -> dict[Request, list[Unit]]:
     """Which plan units each request quantizes (an expert's gate and up rows are two units)."""
     out: dict[Request, list[Unit]] = {}
     for u in plan.quantized:
@@ -145,7 +145,7 @@ def run_gptq(
     arch: Architecture = plan.arch
     names = canonical_names(ckpt, arch, ckpt.tensors)
     weights = DeviceWeights(ckpt, {c: s for s, c in names.items()}, device)
-    requests = _requests(plan, names, ckpt)
+    requests = linear_requests(plan, names, ckpt)
     report = GPTQReport()
     n_layers = 1 + max((r.layer for r in requests), default=-1)
     state = {"layer": -1}

@@ -41,6 +41,9 @@ class GPTQSettings:
         for flag, value in (("--calib-samples", self.samples), ("--calib-seq-len", self.seq_len), ("--damp", self.damp)):
             limits.check_option(flag, value)
 
+    def check(self) -> None:
+        check_settings(self)
+
 
 @dataclass
 class GPTQSummary:

@@ -20,25 +20,21 @@ from pathlib import Path
 
 import torch
 
-from nvq import dist, ops, ops_cpu
+from nvq import dist, ops, ops_cpu, schemes
 from nvq.errors import ConfigError, NvqError, TensorError
-from nvq.formats.constants import NVFP4_GLOBAL_NUMERATOR
 from nvq.io.atomic import atomic_output_dir
 from nvq.io.gguf import is_gguf
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import OutputTensor, ShardedWriter
-from nvq.layouts import compressed_tensors as ct
 from nvq.models.base import Role
 from nvq.quant import act_scales, gptq_write, tp
-from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan, Unit, build_plan
+from nvq.quant.policy import Plan, Unit, build_plan
 from nvq.quant.recipe import load_recipe
 from nvq.quant.stream import AsyncWriter, ChunkReader, Read
-from nvq.verify.serving import serving_notes
 
 CHUNK_ELEMENTS = 1 << 24  # elements per read: 32 MiB of bf16, a 64 MiB fp32 working copy
 GROUP_CACHE_BYTES = 512 << 20  # groups up to this size are read once, larger ones twice (amax, codes)
 DEFAULT_SHARD_BYTES = 5 * 10**9
-FP16_MAX = 65504.0
 # ops.backend() names -> how the summary names them.
 BACKEND_NAMES = {"cuda": "kernels", "cpu": "native", "reference": "reference"}
 
@@ -87,36 +83,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-DENSE_SCHEME = "bf16"  # GGUF → dense HF checkpoint (no quantization)
-
-
 def plan_convert(src: str | Path, scheme: str, recipe: str | Path | None = None,
                  group_size: int | None = None, tp_size: int | None = None) -> Plan:
     if is_gguf(src):
         raise ConfigError(
             f"{src} is a GGUF file; nvq plan describes quantizing a Hugging Face checkpoint, so "
-            f"convert the GGUF first (nvq convert {src} OUT --scheme bf16)."
+            f"convert the GGUF first (nvq convert {src} OUT --scheme {schemes.dense().name})."
         )
-    if scheme == DENSE_SCHEME:
+    spec = schemes.get(scheme)
+    if spec.dense:
         raise ConfigError(
-            f"nvq plan describes quantization; --scheme {DENSE_SCHEME} quantizes nothing (it converts "
+            f"nvq plan describes quantization; --scheme {scheme} quantizes nothing (it converts "
             f"a GGUF file to a dense checkpoint), so there is no plan to show."
         )
-    return _plan(Checkpoint.open(src), scheme, recipe, group_size, tp_size)
+    return _plan(Checkpoint.open(src), spec, recipe, group_size, tp_size)
 
 
-def _plan(ckpt: Checkpoint, scheme: str, recipe, group_size: int | None, tp_size: int | None) -> Plan:
-    """The plan, checked for `tp_size` ranks. GPTQ without an explicit group size takes the
-    largest one that aligns, and the plan's warnings name the weights 128 would have broken."""
-    plan = _gptq_default_plan(ckpt, recipe) if scheme == GPTQ and group_size is None else \
-        build_plan(ckpt, scheme, load_recipe(recipe), group_size)
+def _plan(ckpt: Checkpoint, spec: schemes.SchemeSpec, recipe, group_size: int | None, tp_size: int | None) -> Plan:
+    """The plan, checked for `tp_size` ranks. A scheme that may pick its group size (GPTQ) takes,
+    without an explicit one, the largest that aligns, and the plan's warnings name the weights
+    its first choice would have broken."""
+    plan = _default_plan(ckpt, spec, recipe) if group_size is None else \
+        build_plan(ckpt, spec.name, load_recipe(recipe), group_size)
     if not tp_size:
         return plan
     broken = tp.misalignments(plan, tp_size)
-    if broken and scheme == GPTQ and group_size is None:
+    if broken and len(spec.group_sizes) > 1 and group_size is None:
         picked = tp.aligned_group_size(plan, tp_size)
         if picked is not None:
-            aligned = build_plan(ckpt, scheme, load_recipe(recipe), picked)
+            aligned = build_plan(ckpt, spec.name, load_recipe(recipe), picked)
             names = ", ".join(m.weight for m in broken[:4]) + (f" and {len(broken) - 4} more" if len(broken) > 4 else "")
             aligned.warnings.append(
                 f"--tp {tp_size}: group size {picked} instead of {plan.group_size}, which would have split "
@@ -127,18 +122,19 @@ def _plan(ckpt: Checkpoint, scheme: str, recipe, group_size: int | None, tp_size
     return plan
 
 
-def _gptq_default_plan(ckpt: Checkpoint, recipe) -> Plan:
-    """GPTQ at group size 128, or the largest of 64 / 32 that tiles every weight (with a warning)."""
+def _default_plan(ckpt: Checkpoint, spec: schemes.SchemeSpec, recipe) -> Plan:
+    """The plan at the scheme's first group size, or the largest later one that tiles every weight
+    (with a warning): GPTQ tries 128, 64, 32."""
     first_error = None
-    for g in GPTQ_GROUP_SIZES:
+    for g in spec.group_sizes:
         try:
-            plan = build_plan(ckpt, GPTQ, load_recipe(recipe), g)
+            plan = build_plan(ckpt, spec.name, load_recipe(recipe), g)
         except TensorError as e:
             first_error = first_error or e
             continue
         if first_error is not None:
             why = str(first_error).split(";")[0]
-            plan.warnings.append(f"GPTQ group size {g}, the largest that tiles every weight ({why}).")
+            plan.warnings.append(f"{spec.name.upper()} group size {g}, the largest that tiles every weight ({why}).")
         return plan
     raise first_error
 
@@ -168,49 +164,53 @@ def convert(
     replace_any: bool = False,
     activations: act_scales.ActivationSettings | None = None,
 ) -> ConvertSummary:
-    """SRC (HF directory, or GGUF file for scheme bf16) → OUT. `dtype` ("bfloat16", "float32")
-    is the weight dtype of the dense bf16-scheme output; it does not apply to quantized schemes.
-    `gptq` holds the GPTQ method and calibration settings; `tp_size` checks tensor-parallel
-    alignment (any scheme); `activations` calibrates NVFP4 input scales (W4A4). `force` replaces an earlier nvq output at OUT; `replace_any` (with
+    """SRC (HF directory, or GGUF file for the dense scheme bf16) → OUT. `dtype` ("bfloat16",
+    "float32") is the weight dtype of the dense output; it does not apply to quantized schemes.
+    `gptq` holds the settings of a calibrated scheme (GPTQ's method and calibration); `tp_size` checks
+    tensor-parallel alignment (any scheme); `activations` calibrates NVFP4 input scales (W4A4).
+    `force` replaces an earlier nvq output at OUT; `replace_any` (with
     `force`) replaces whatever directory is there. OUT may never be, hold, or sit inside SRC."""
     started = time.perf_counter()
+    spec, dense = schemes.get(scheme), schemes.dense().name
     if is_gguf(src):
-        if scheme != DENSE_SCHEME:
+        if not spec.dense:
             raise ConfigError(
                 f"{src} is a GGUF file, which nvq converts to a dense checkpoint only "
-                f"(--scheme {DENSE_SCHEME}); convert it to {DENSE_SCHEME} first, then quantize "
+                f"(--scheme {dense}); convert it to {dense} first, then quantize "
                 f"that directory with --scheme {scheme}."
             )
         return _convert_gguf(src, out, dtype or "bfloat16", force, replace_any, max_shard_bytes, progress,
                              started)
-    if scheme == DENSE_SCHEME:
+    if spec.dense:
         raise ConfigError(
-            f"--scheme {DENSE_SCHEME} converts a GGUF file to a dense checkpoint; {src} is not a "
-            f"GGUF file (a Hugging Face directory is quantized with nvfp4 or mxfp4)."
+            f"--scheme {scheme} converts a GGUF file to a dense checkpoint; {src} is not a "
+            f"GGUF file (a Hugging Face directory is quantized with {' or '.join(schemes.quantized_names())})."
         )
     if dtype is not None:
-        raise ConfigError(f"--dtype applies to --scheme {DENSE_SCHEME} only, not to {scheme}.")
-    if gptq is not None and scheme != GPTQ:
-        raise ConfigError(f"GPTQ settings (--method, --group-size, --calib-*) apply to --scheme {GPTQ} only.")
-    gptq = (gptq or gptq_write.GPTQSettings()) if scheme == GPTQ else None
+        raise ConfigError(f"--dtype applies to --scheme {dense} only, not to {scheme}.")
+    if gptq is not None and spec.settings is None:
+        takes = [s.name for s in schemes.all_schemes() if s.settings is not None]
+        raise ConfigError(f"GPTQ settings (--method, --group-size, --calib-*) apply to --scheme {' or '.join(takes)} only.")
+    settings = (gptq or spec.settings()) if spec.settings else None
     act_scales.check(scheme, activations)
     world = dist.join()
     dev = world.device(resolve_device(device).type)
     _warm_up(dev)
     ckpt = Checkpoint.open(src)
-    plan = _plan(ckpt, scheme, recipe, gptq.group_size if gptq else None, tp_size)
-    if gptq is not None:
-        gptq_write.check_settings(gptq)
+    plan = _plan(ckpt, spec, recipe, settings.group_size if settings else None, tp_size)
+    if settings is not None:
+        settings.check()
     out = Path(out)
     summary = ConvertSummary(
         out=out, scheme=scheme, quantized=len(plan.quantized), kept=len(plan.kept), dropped=len(plan.dropped),
         params=sum(u.numel for u in plan.units), params_quantized=sum(u.numel for u in plan.quantized),
         bytes_written=0, bytes_quantized=0, seconds=0.0, device=str(dev), warnings=list(plan.warnings),
-        serving_notes=serving_notes(scheme, ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
+        serving_notes=spec.serving_notes(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
     )
     tick = progress or (lambda n, name: None)
     # Ranks split whole runs (a group, or an MoE stack's consecutive experts) so batches stay whole.
-    runs = _expert_runs(ckpt, [g for g in plan.groups() if gptq is None or g[0].scheme is None])
+    # a whole-model scheme (GPTQ calibrates in one forward) leaves only the dense tensors to stream
+    runs = _expert_runs(ckpt, [g for g in plan.groups() if spec.stream is not None or g[0].scheme is None])
     owners = dist.split_by_size([sum(_group_bytes(ckpt, g) for g in run) for run in runs], world.size)
     mine = [run for run, r in zip(runs, owners, strict=True) if r == world.rank]
     with _shared_output_dir(world, out, force, replace_any, ckpt.input_paths()) as tmp:
@@ -219,7 +219,7 @@ def convert(
         if activations is not None:  # W4A4: input scales, calibrated on rank 0 (one forward)
             outputs += act_scales.output_tensors(plan)
             owned |= {t.name for t in act_scales.output_tensors(plan)} if world.is_main else set()
-        if gptq is not None and world.is_main:  # GPTQ calibrates on rank 0 (one forward, in order)
+        if spec.whole_model is not None and world.is_main:  # rank 0 calibrates (one forward, in order)
             owned |= {t.name for u in plan.quantized for t in _unit_outputs(plan, u)}
         if world.is_main:
             writer = ShardedWriter(tmp, outputs, max_shard_bytes, owned=owned)
@@ -229,8 +229,8 @@ def convert(
             writer = ShardedWriter(tmp, outputs, max_shard_bytes, create=False, owned=owned)
         try:
             _stream_groups(ckpt, mine, writer, dev, tick, summary)
-            if gptq is not None and world.is_main:
-                summary.gptq = gptq_write.quantize_all(ckpt, plan, gptq, writer, dev, tick, layer_progress)
+            if spec.whole_model is not None and world.is_main:
+                summary.gptq = spec.whole_model(ckpt, plan, settings, writer, dev, tick, layer_progress)
                 summary.backends.append("reference")
             if activations is not None and world.is_main:
                 summary.activations = act_scales.write_all(ckpt, plan, activations, writer, dev)
@@ -241,7 +241,7 @@ def convert(
             raise
         _merge_rank_summaries(world, summary)
         if world.is_main:
-            _write_config(ckpt, plan, tmp, gptq, activations is not None)
+            _write_config(ckpt, plan, spec, settings, tmp, activations is not None)
             ckpt.copy_side_files(tmp)
         summary.bytes_written = sum(t.nbytes for t in outputs)
         summary.bytes_quantized = sum(t.nbytes for u in plan.quantized for t in plan.layout.output_tensors(u.out, u.shape))
@@ -315,7 +315,7 @@ def _convert_gguf(src, out, dtype: str, force: bool, replace_any: bool, max_shar
                                 max_shard_bytes=max_shard_bytes,
                                 progress=progress)
     return ConvertSummary(
-        out=export.out, scheme=DENSE_SCHEME if dtype == "bfloat16" else "f32",
+        out=export.out, scheme=schemes.dense().name if dtype == "bfloat16" else "f32",
         quantized=0, kept=export.tensors, dropped=len(export.consumed) + len(export.dropped),
         params=export.params, params_quantized=0, bytes_written=export.bytes_written, bytes_quantized=0,
         seconds=time.perf_counter() - started, device="cpu", warnings=export.warnings,
@@ -347,14 +347,16 @@ def _row_ranges(info, u: Unit) -> Iterator[tuple[int, int]]:
 
 class _GroupWork:
     """One fusion group's reads, planned up front so the reader can run ahead across groups, and
-    its processing. An NVFP4 group needs its amax before any code: a group up to
+    its processing. A group that shares a global scale (NVFP4) needs its amax before any code: a group up to
     GROUP_CACHE_BYTES is read once and kept (on the device when there is one); a larger one is
     streamed twice."""
 
     def __init__(self, ckpt: Checkpoint, group: list[Unit], on_gpu: bool):
         self.ckpt, self.group = ckpt, group
         self.scheme = group[0].scheme
-        self.two_pass = self.scheme == "nvfp4" and _group_bytes(ckpt, group) > GROUP_CACHE_BYTES
+        self.stream = schemes.get(self.scheme).stream if self.scheme else None
+        shared = self.stream is not None and self.stream.global_scale is not None
+        self.two_pass = shared and _group_bytes(ckpt, group) > GROUP_CACHE_BYTES
         # The device checks what it quantizes; the reader threads check the rest on the host.
         self.host_checks = not (on_gpu and self.scheme)
 
@@ -385,8 +387,8 @@ class _GroupWork:
                 for _, chunk in self._take(reader, u, tick):
                     sink.submit([(u.out, chunk)])
             return
-        quantize = _QUANTIZERS[self.scheme]
-        if self.scheme == "nvfp4":
+        stream = self.stream
+        if stream.global_scale is not None:
             if self.two_pass:
                 amax = None
                 for u in self.group:
@@ -400,19 +402,19 @@ class _GroupWork:
                 amax = None
                 for _, _, x in cached:
                     amax = _max(amax, ops.tensor_amax(x))
-            global_scale, compute_dtype = _group_global_scale(self.group, amax, summary)
+            global_scale, compute_dtype = _group_global_scale(self.group, amax, stream.global_scale, summary)
             chunks = cached if cached is not None else (
                 (u, a, chunk.to(dev, non_blocking=True)) for u in self.group for a, chunk in self._take(reader, u, tick))
             for u, _, x in chunks:
-                self._submit_packed(sink, u, ops.nvfp4_quantize_packed(x.to(compute_dtype), global_scale))
+                self._submit_packed(sink, u, stream.quantize(x.to(compute_dtype), global_scale))
             for u in self.group:
-                sink.submit([(f"{u.out}.weight_global_scale", global_scale)])
+                sink.submit([(f"{u.out}.{stream.global_scale.suffix}", global_scale)])
         else:
             for u in self.group:
                 for a, chunk in self._take(reader, u, tick):
                     x = self._on_device(chunk, dev, u, a, sink)
-                    self._submit_packed(sink, u, quantize(x))
-        _note_backend(summary, _BACKEND_OPS[self.scheme])
+                    self._submit_packed(sink, u, stream.quantize(x, None))
+        _note_backend(summary, stream.op)
 
     def _on_device(self, chunk: torch.Tensor, dev: torch.device, u: Unit, row: int, sink: AsyncWriter) -> torch.Tensor:
         """The chunk on `dev`; on a GPU its finite check is queued with the writes (no sync here)."""
@@ -423,9 +425,8 @@ class _GroupWork:
                         on_nonfinite=partial(_locate_nonfinite, self.ckpt, info, u, row, x.shape[0]))
         return x
 
-    @staticmethod
-    def _submit_packed(sink: AsyncWriter, u: Unit, packed_and_scale: tuple[torch.Tensor, torch.Tensor]) -> None:
-        sink.submit([(f"{u.out}.{suffix}", t) for suffix, t in ct.packed_tensors(*packed_and_scale).items()])
+    def _submit_packed(self, sink: AsyncWriter, u: Unit, packed_and_scale: tuple[torch.Tensor, torch.Tensor]) -> None:
+        sink.submit([(f"{u.out}.{suffix}", t) for suffix, t in self.stream.pack(*packed_and_scale).items()])
 
 
 def _expert_slice(ckpt: Checkpoint, group: list[Unit]) -> tuple[str, int, int] | None:
@@ -464,12 +465,13 @@ def _expert_runs(ckpt: Checkpoint, groups: list[list[Unit]]) -> list[list[list[U
 class _ExpertRunWork:
     """Consecutive experts of one stack, read a few experts at a time and quantized per batch:
     one amax and one quantize launch for all of them instead of several per expert. Each expert
-    still gets its own NVFP4 global scale (shared by its gate and up), as a per-group run gives."""
+    still gets its own global scale where the scheme has one (NVFP4: shared by its gate and up),
+    as a per-group run gives."""
 
     def __init__(self, ckpt: Checkpoint, groups: list[list[Unit]], on_gpu: bool):
         self.ckpt, self.groups = ckpt, groups
         self.info = ckpt.tensors[groups[0][0].source]
-        self.scheme = groups[0][0].scheme
+        self.stream = schemes.get(groups[0][0].scheme).stream
         self.rows_per_expert = self.info.shape[1]
         self.first_row = groups[0][0].rows[0]
         self.host_checks = not on_gpu
@@ -502,27 +504,17 @@ class _ExpertRunWork:
                 sink.submit([], finite=torch.isfinite(x).all(),
                             on_nonfinite=partial(_locate_nonfinite, self.ckpt, self.info, batch[0][0], a, b - a))
             stack = x.reshape(len(batch), self.rows_per_expert, x.shape[-1])
-            if self.scheme == "nvfp4":
-                packed, scale, global_scale = ops.nvfp4_quantize_experts(stack)
-            else:
-                packed, scale = ops.mxfp4_quantize_experts(stack)
+            packed, scale, global_scale = self.stream.quantize_experts(stack)
             for e, group in enumerate(batch):
                 base = group[0].rows[0]
                 for u in group:
                     lo, hi = u.rows[0] - base, u.rows[1] - base
                     writes = [(f"{u.out}.{suffix}", t[e, lo:hi])
-                              for suffix, t in ct.packed_tensors(packed, scale).items()]
-                    if self.scheme == "nvfp4":
-                        writes.append((f"{u.out}.weight_global_scale", global_scale[e:e + 1]))
+                              for suffix, t in self.stream.pack(packed, scale).items()]
+                    if global_scale is not None:
+                        writes.append((f"{u.out}.{self.stream.global_scale.suffix}", global_scale[e:e + 1]))
                     sink.submit(writes)
-        _note_backend(summary, _BATCHED_OPS[self.scheme])
-
-
-_BATCHED_OPS = {"nvfp4": "nvfp4_quantize_experts", "mxfp4": "mxfp4_quantize_packed"}
-
-
-_QUANTIZERS = {"nvfp4": ops.nvfp4_quantize_packed, "mxfp4": ops.mxfp4_quantize_packed}
-_BACKEND_OPS = {"nvfp4": "nvfp4_quantize_packed", "mxfp4": "mxfp4_quantize_packed"}
+        _note_backend(summary, self.stream.experts_op)
 
 
 def _max(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -535,20 +527,16 @@ def _note_backend(summary: ConvertSummary, op: str) -> None:
         summary.backends.append(used)
 
 
-def _group_global_scale(group: list[Unit], amax: torch.Tensor,
+def _group_global_scale(group: list[Unit], amax: torch.Tensor, shared: schemes.GlobalScale,
                         summary: ConvertSummary) -> tuple[torch.Tensor, torch.dtype]:
     dtypes = {u.dtype for u in group}
     if len(dtypes) > 1:
         names = ", ".join(u.source for u in group)
         raise TensorError(f"fusion group {names} mixes dtypes {sorted(dtypes)}; its members must share one dtype.")
-    dtype = amax.dtype
-    # compressed-tensors computes 1/amax·2688 in fp16 for fp16 weights; below amax ≈ 0.041 that
-    # overflows, g falls back to 1 and every block flushes to zero (formats.md §1.5). nvq computes
-    # such groups in fp32 instead of writing an all-zero weight, and says so in the summary.
-    if dtype == torch.float16 and float(amax) < NVFP4_GLOBAL_NUMERATOR / FP16_MAX:
+    global_scale, dtype = shared.compute(amax)
+    if dtype != amax.dtype:  # the scheme computes this group in another precision; the summary says so
         summary.fp32_groups.append(group[0].out)
-        dtype = torch.float32
-    return ops.nvfp4_global_scale(amax.to(dtype), dtype), dtype
+    return global_scale, dtype
 
 
 def _check_finite_rows(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
@@ -582,19 +570,16 @@ def _raise_nonfinite(info, u: Unit, chunk: torch.Tensor, row: int) -> None:
     raise TensorError(f"{info.path.name}: tensor {u.source} holds {what} at {where}; nvq only converts finite weights.")
 
 
-def _write_config(ckpt: Checkpoint, plan: Plan, out_dir: Path, gptq: gptq_write.GPTQSettings | None,
+def _write_config(ckpt: Checkpoint, plan: Plan, spec: schemes.SchemeSpec, settings, out_dir: Path,
                   w4a4: bool = False) -> None:
     # Original keys are written back verbatim (both Gemma-4 dialects survive); only the
     # quantization_config is added.
     config = dict(ckpt.config.raw)
-    if gptq is None:
-        config["quantization_config"] = ct.quantization_config(plan.scheme, plan.ignore_list())
-        if w4a4:
-            act_scales.add_to_config(config["quantization_config"])
-    else:
-        qc = gptq_write.quantization_config(plan, gptq)
-        config["quantization_config"] = qc
-        # AutoGPTQ-era loaders read quantize_config.json; vLLM prefers config.json (formats.md §4.2)
-        (out_dir / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
+    qc = spec.quantization_config(plan, settings)
+    if w4a4:
+        act_scales.add_to_config(qc)
+    config["quantization_config"] = qc
+    for name in spec.config_copies:
+        (out_dir / name).write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
     text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     (out_dir / "config.json").write_text(text, encoding="utf-8")

@@ -10,22 +10,16 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from nvq import limits
+from nvq import schemes
 from nvq.errors import RecipeError, TensorError
-from nvq.formats.constants import GPTQ_DEFAULT_GROUP
 from nvq.io.hf import Checkpoint
 from nvq.io.safetensors import OutputTensor
-from nvq.layouts import compressed_tensors as ct
 from nvq.layouts import vllm_names
-from nvq.layouts.gptq import GPTQLayout
 from nvq.models import Architecture, config_rules, for_config
 from nvq.models.base import EXPERT_ROLES, QUANTIZABLE_ROLES, Mapped, Role
 from nvq.quant.recipe import Recipe, Rule
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
-GPTQ = "gptq"
-SCHEMES = (*ct.LAYOUTS, GPTQ)  # schemes convert can write today
-GPTQ_GROUP_SIZES = (128, 64, 32)  # what Marlin serves (formats.md §4.4), largest first
 # How one expert's slice of a fused stack is named: HF module suffix and GGUF stem (§3.2, §4.2).
 EXPERT_PARTS = {
     Role.EXPERTS_GATE_UP: (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps")),
@@ -55,35 +49,6 @@ class Unit:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
-class CTLayout:
-    """A compressed-tensors scheme: fixed group size, tensors from nvq.layouts.compressed_tensors."""
-
-    scheme: str
-
-    @property
-    def group_size(self) -> int:
-        return ct.LAYOUTS[self.scheme].group_size
-
-    def output_tensors(self, module: str, shape: tuple[int, ...]) -> list[OutputTensor]:
-        return ct.output_tensors(module, shape, self.scheme)
-
-    def shape_problem(self, shape: tuple[int, ...]) -> str | None:
-        if shape[1] % self.group_size:
-            return f"input dimension {shape[1]} is not a multiple of the {self.scheme} group size {self.group_size}"
-        return None
-
-
-def scheme_layout(scheme: str, group_size: int | None = None) -> CTLayout | GPTQLayout:
-    if scheme == GPTQ:
-        limits.check_group_size(group_size)
-        return GPTQLayout(GPTQ_DEFAULT_GROUP if group_size is None else group_size)
-    if group_size is not None and group_size != ct.LAYOUTS[scheme].group_size:
-        raise RecipeError(f"--group-size applies to --scheme {GPTQ}; {scheme} has a fixed group size of "
-                          f"{ct.LAYOUTS[scheme].group_size}.")
-    return CTLayout(scheme)
-
-
 @dataclass
 class Plan:
     source: str
@@ -93,7 +58,7 @@ class Plan:
     units: list[Unit]
     dropped: list[Mapped]
     warnings: list[str] = field(default_factory=list)
-    layout: CTLayout | GPTQLayout | None = None
+    layout: schemes.Layout | None = None
 
     @property
     def group_size(self) -> int:
@@ -148,9 +113,7 @@ class Plan:
 
 
 def build_plan(ckpt: Checkpoint, scheme: str, recipe: Recipe, group_size: int | None = None) -> Plan:
-    if scheme not in SCHEMES:
-        raise RecipeError(f"scheme '{scheme}' cannot be written by convert yet; choose one of {', '.join(SCHEMES)}.")
-    layout = scheme_layout(scheme, group_size)
+    layout = schemes.quantizing(scheme).layout(group_size)
     if ckpt.config.get("quantization_config", None) is not None:
         raise TensorError(
             f"{ckpt.path}: the checkpoint is already quantized (config.json has a quantization_config); "
@@ -230,7 +193,7 @@ def _units(m: Mapped, shape: tuple[int, ...], dtype: str, scheme: str | None, ru
     return units
 
 
-def _check_quantizable(u: Unit, ckpt: Checkpoint, layout: CTLayout | GPTQLayout) -> None:
+def _check_quantizable(u: Unit, ckpt: Checkpoint, layout: schemes.Layout) -> None:
     where = f"{ckpt.tensors[u.source].path.name}: tensor {u.source}"
     if u.dtype not in FLOAT_DTYPES:
         raise TensorError(f"{where} has dtype {u.dtype}; only {', '.join(FLOAT_DTYPES)} weights can be quantized.")

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from nvq import limits
+from nvq import limits, schemes
 from nvq.errors import ConfigError, RecipeError
 from nvq.quant.safe_regex import compile_pattern
 
-SCHEMES = ("nvfp4", "mxfp4", "gptq")
 _RULE_KEYS = {"match", "scheme", "note"}
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few dozen lines
 MAX_RECIPE_DEPTH = 8  # rules → rule → value is three levels
@@ -118,8 +117,8 @@ def _parse_rule(raw: object, index: int, name: str) -> Rule:
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}.")
     scheme = raw["scheme"]
-    if scheme is not None and scheme not in SCHEMES:
-        raise RecipeError(f"{where}: scheme {scheme!r} is not one of null, {', '.join(SCHEMES)}.")
+    if scheme is not None and scheme not in schemes.quantized_names():
+        raise RecipeError(f"{where}: scheme {scheme!r} is not one of null, {', '.join(schemes.quantized_names())}.")
     if not isinstance(raw["match"], str):
         raise RecipeError(f"{where}: match must be a string (a regex), not {type(raw['match']).__name__}.")
     pattern = compile_pattern(raw["match"], where)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from nvq import schemes
 from nvq.errors import RecipeError
-from nvq.formats.constants import GPTQ_PACK
-from nvq.quant.policy import GPTQ, GPTQ_GROUP_SIZES, Plan
+from nvq.quant.policy import Plan
 
 # canonical weights whose input dimension engines split across ranks
 ROW_PARALLEL = re.compile(r"blk\.\d+\.(attn_output|ffn_down|ffn_down_exps)\.weight(\[\d+\])?")
@@ -27,20 +27,21 @@ class Misalignment:
 def misalignments(plan: Plan, tp: int, group_size: int | None = None) -> list[Misalignment]:
     """Every quantized weight that would break under `tp` ranks with this group size."""
     g = group_size or plan.group_size
+    pack = schemes.get(plan.scheme).column_pack
     found = []
     for u in plan.quantized:
         n, k = u.shape
         if ROW_PARALLEL.fullmatch(u.canonical or ""):
             if k % (tp * g):
                 found.append(Misalignment(u.canonical, u.out, f"K {k} / {tp} ranks = {k / tp:g} is not a multiple of group size {g}"))
-        elif plan.scheme == GPTQ and n % (tp * GPTQ_PACK):
-            found.append(Misalignment(u.canonical, u.out, f"N {n} / {tp} ranks = {n / tp:g} is not a multiple of {GPTQ_PACK} (qzeros packing)"))
+        elif pack and n % (tp * pack[0]):
+            found.append(Misalignment(u.canonical, u.out, f"N {n} / {tp} ranks = {n / tp:g} is not a multiple of {pack[0]} ({pack[1]})"))
     return found
 
 
 def aligned_group_size(plan: Plan, tp: int) -> int | None:
-    """The largest GPTQ group size that Marlin serves and every weight aligns with, or None."""
-    for g in GPTQ_GROUP_SIZES:
+    """The largest group size the plan's scheme may take that every weight aligns with, or None."""
+    for g in schemes.get(plan.scheme).group_sizes:
         if all(u.shape[1] % g == 0 for u in plan.quantized) and not misalignments(plan, tp, g):
             return g
     return None
@@ -56,7 +57,9 @@ def check(plan: Plan, tp: int) -> None:
     layers = ", ".join(f"{m.weight} ({m.reason})" for m in bad[:4])
     more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
     hint = ""
-    if plan.scheme == GPTQ:
+    sizes = schemes.get(plan.scheme).group_sizes
+    if len(sizes) > 1:
         g = aligned_group_size(plan, tp)
-        hint = f" --group-size {g} aligns every weight." if g else " No group size in 128/64/32 aligns them; lower --tp."
+        hint = f" --group-size {g} aligns every weight." if g else \
+            f" No group size in {'/'.join(map(str, sizes))} aligns them; lower --tp."
     raise RecipeError(f"with --tp {tp}, {len(bad)} weight(s) would straddle rank boundaries: {layers}{more}.{hint}")

@@ -1,8 +1,9 @@
 """Load any checkpoint under test as canonical float32 tensors, and say how each was stored.
 
 A candidate is a Hugging Face directory: dense, compressed-tensors NVFP4 / MXFP4 (nvq's output or
-another tool's), ModelOpt NVFP4, or GPTQ int4 (v1 or v2, any group size and g_idx). One table, `READERS`, keyed by the `quantization_config`,
-says how its quantized modules decode; everything else is shared: quantized modules become
+another tool's), ModelOpt NVFP4, or GPTQ int4 (v1 or v2, any group size and g_idx). One table,
+`READERS`, keyed by the `quantization_config`, picks the scheme and profile whose decoder
+(`nvq.schemes`) its quantized modules go through; everything else is shared: quantized modules become
 dense `<module>.weight` tensors, per-expert modules (`….experts.E.{gate,up,down}_proj`) are
 reassembled into the fused stacks the name table knows (`experts.gate_up_proj` = per expert
 cat(gate, up), stacked; `experts.down_proj` stacked), and the architecture's name table turns
@@ -31,20 +32,17 @@ from pathlib import Path
 
 import torch
 
-from nvq import ops
+from nvq import schemes
 from nvq.errors import CheckpointError
-from nvq.formats import e2m1, nvfp4
-from nvq.formats.constants import GPTQ_PACK, INT4_SYM_ZERO
+from nvq.formats.constants import INT4_SYM_ZERO
 from nvq.io.hf import Checkpoint, HFConfig, load_config
 from nvq.layouts import gptq as gptq_layout
 from nvq.models import Architecture, config_rules, for_config
 from nvq.models.base import NameTable
 from nvq.models.load import canonical_names
 from nvq.quant.policy import EXPERT_PARTS
+from nvq.schemes.gptq import SERVED_SCALES
 from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, Serving
-
-# safetensors dtype → dense scheme name (what storing an fp32 value in that dtype does to it).
-DENSE_SCHEMES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "F64": "f64"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class Scheme:
 
     @property
     def quantized(self) -> bool:
-        return self.name not in DENSE_SCHEMES.values()
+        return self.name not in schemes.dense().storage_names
 
     def __str__(self) -> str:
         base = self.name if self.profile in (None, "ct") else f"{self.name}-{self.profile}"
@@ -105,72 +103,43 @@ class ModuleRead:
 
 @dataclass(frozen=True)
 class Codec:
-    """How one quantized Linear module of a checkpoint format decodes.
-
-    marker: the tensor suffix that makes a module quantized ("weight_packed", "weight_scale_2").
-    parts: every suffix of the module's tensors this codec consumes (the rest would be unmapped).
-    decode: {suffix: tensor} → the float32 [N, K] weight.
-    """
+    """How one quantized Linear module of a checkpoint decodes: its scheme's Decoder (nvq.schemes:
+    marker suffix, the parts it consumes, decode, dense shape from the headers) and what verify
+    adds to it."""
 
     scheme: Scheme
-    marker: str
-    parts: tuple[str, ...]
-    decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
-    optional: tuple[str, ...] = ()  # consumed when present (ModelOpt input_scale: activations)
+    decoder: schemes.Decoder
     # (module, tensors) → ModuleRead, for formats whose tensors say more than the weight (GPTQ)
     read: Callable[[str, dict[str, torch.Tensor]], ModuleRead] | None = None
     findings: tuple[ClientFinding, ...] = ()  # about the whole checkpoint, from its config
-    # {suffix: stored shape} → the dense [N, K] shape, from the headers alone
-    shape: Callable[[dict[str, tuple[int, ...]]], tuple[int, int]] | None = None
+
+    @property
+    def marker(self) -> str:
+        return self.decoder.marker
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return self.decoder.parts
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        return self.decoder.optional
+
+    def shape(self, stored: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+        return self.decoder.shape(stored)
 
     def read_module(self, module: str, tensors: dict[str, torch.Tensor]) -> ModuleRead:
-        return self.read(module, tensors) if self.read else ModuleRead(self.decode(tensors))
+        return self.read(module, tensors) if self.read else ModuleRead(self.decoder.decode(tensors))
 
 
-def _ct_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    # compressed-tensors: W = e2m1 · s / g, g the divisor `weight_global_scale` (formats.md §1.1)
-    return ops.nvfp4_dequantize_packed(
-        t["weight_packed"], t["weight_scale"], t["weight_global_scale"].float().reshape(1), torch.float32
-    )
+def _profile_codec(scheme: str, profile: str) -> Codec:
+    return Codec(Scheme(scheme, profile), schemes.get(scheme).decoders[profile])
 
 
-def _ct_mxfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return ops.mxfp4_dequantize_packed(t["weight_packed"], t["weight_scale"], torch.float32)
-
-
-def _modelopt_nvfp4(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    # ModelOpt: W = e2m1 · s · s2, s2 the MULTIPLIER `weight_scale_2` (formats.md §3.1)
-    s2 = t["weight_scale_2"].float().reshape(())
-    q = nvfp4.NVFP4Quantized(
-        e2m1.unpack_pairs(t["weight"]), t["weight_scale"], nvfp4.global_scale_from_scale_2(s2), s2
-    )
-    return nvfp4.dequantize(q, torch.float32)
-
-
-def _pairs_shape(part: str) -> Callable[[dict[str, tuple[int, ...]]], tuple[int, int]]:
-    # FP4 codes packed two to a byte along K: [N, K/2]
-    return lambda s: (s[part][0], 2 * s[part][1])
-
-
-CT_CODECS = {
-    "nvfp4-pack-quantized": Codec(
-        Scheme("nvfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale", "weight_global_scale"), _ct_nvfp4,
-        optional=("input_global_scale",),  # W4A4: activations (nvq.verify.act_inputs)
-        shape=_pairs_shape("weight_packed"),
-    ),
-    "mxfp4-pack-quantized": Codec(
-        Scheme("mxfp4", "ct"), "weight_packed", ("weight_packed", "weight_scale"), _ct_mxfp4,
-        shape=_pairs_shape("weight_packed"),
-    ),
-}
-MODELOPT_NVFP4 = Codec(
-    Scheme("nvfp4", "modelopt"),
-    "weight_scale_2",
-    ("weight", "weight_scale", "weight_scale_2"),
-    _modelopt_nvfp4,
-    optional=("input_scale",),
-    shape=_pairs_shape("weight"),
-)
+def ct_codecs() -> dict[str, Codec]:
+    """compressed-tensors format name → codec, for every scheme that writes compressed-tensors."""
+    return {d.format: _profile_codec(s.name, "ct") for s in schemes.all_schemes()
+            if (d := s.decoders.get("ct")) is not None}
 
 
 # What vLLM 0.33 serves from a GPTQ checkpoint (formats.md §4.2): check → (client, serious).
@@ -188,7 +157,7 @@ GPTQ_CLIENT_CHECKS = {
 # config.json torch_dtype / dtype → the dtype vLLM holds the scales in
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # served scale dtype → the GPTQ scheme profile that says so (fp16 → fp32 is exact: no profile)
-SCALE_PROFILES = {torch.bfloat16: "bf16-scales"}
+SCALE_PROFILES = {dtype: profile for profile, dtype in SERVED_SCALES.items()}
 
 
 def _finding(tensor: str, check: str, what: str, rel_l2: float | None = None) -> ClientFinding:
@@ -206,10 +175,11 @@ def _gptq_codec(qc: dict, path: Path, serving: Serving = SERVINGS[DEFAULT_SERVIN
     # GPTQ v1 / v2 (formats.md §4.1), read with g_idx and qzeros as GPTQModel and llama.cpp do.
     bits, group = qc.get("bits"), qc.get("group_size", -1)
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq")
-    if bits != 4 or fmt not in gptq_layout.ZERO_OFFSET or not isinstance(group, int):
+    decoders = schemes.get("gptq").decoders  # checkpoint format → how it decodes
+    if bits != 4 or fmt not in decoders or not isinstance(group, int):
         raise CheckpointError(
             f"{path}: GPTQ with bits={bits}, format '{fmt}', group_size={group!r} is not one nvq verifies; "
-            f"it reads 4-bit {' and '.join(gptq_layout.ZERO_OFFSET)} checkpoints."
+            f"it reads 4-bit {' and '.join(decoders)} checkpoints."
         )
     sym, desc_act = bool(qc.get("sym", True)), bool(qc.get("desc_act", False))
     config = load_config(path)
@@ -230,9 +200,7 @@ def _gptq_codec(qc: dict, path: Path, serving: Serving = SERVINGS[DEFAULT_SERVIN
         config_findings.append(_finding("quantization_config", "asym-refused",
                                         "sym false: vLLM 0.33 loads only symmetric GPTQ"))
     # -1: one group per row; the expected-noise model then uses the whole row as the group
-    return Codec(Scheme("gptq", SCALE_PROFILES.get(served), 1, group), "qweight", ("qweight", "qzeros", "scales"),
-                 lambda t: read("", t).weight, optional=("g_idx",), read=read, findings=tuple(config_findings),
-                 shape=lambda s: (s["qweight"][1], GPTQ_PACK * s["qweight"][0]))  # qweight [K/8, N]
+    return Codec(Scheme("gptq", SCALE_PROFILES.get(served), 1, group), decoders[fmt], read, tuple(config_findings))
 
 
 def _gptq_module_findings(tensor: str, m: gptq_layout.GPTQModule, w: torch.Tensor, fmt: str, sym: bool,
@@ -263,13 +231,14 @@ def _ct_codec(qc: dict, path: Path, serving: Serving | None = None) -> Codec:
         g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)
     }
     formats.discard(None)
-    known = [f for f in formats if f in CT_CODECS]
+    codecs = ct_codecs()
+    known = [f for f in formats if f in codecs]
     if len(formats) != 1 or not known:
         raise CheckpointError(
             f"{path}: compressed-tensors format {sorted(formats) or 'unset'} is not one nvq verifies; "
-            f"it reads {', '.join(CT_CODECS)}."
+            f"it reads {', '.join(codecs)}."
         )
-    return CT_CODECS[known[0]]
+    return codecs[known[0]]
 
 
 def _modelopt_codec(qc: dict, path: Path, serving: Serving | None = None) -> Codec:
@@ -278,7 +247,7 @@ def _modelopt_codec(qc: dict, path: Path, serving: Serving | None = None) -> Cod
         raise CheckpointError(
             f"{path}: ModelOpt quant_algo '{algo}' is not one nvq verifies; it reads NVFP4 (W4A16_NVFP4, NVFP4)."
         )
-    return MODELOPT_NVFP4
+    return _profile_codec("nvfp4", "modelopt")
 
 
 # quant_method → how to pick the codec from the quantization_config. None: dense checkpoint.
@@ -503,12 +472,13 @@ def _hf_sources(ckpt: Checkpoint, codec: Codec | None, table: NameTable | None =
         out[f"{m}.weight"] = Source(f"{m}.weight", codec.scheme, module=m)
     for n in sorted(names - owned):
         info = ckpt.tensors[n]
-        if info.dtype not in DENSE_SCHEMES:
+        storage = info.dtype.lower()  # safetensors F32 → storage f32, what the dense scheme models
+        if storage not in schemes.dense().storage_names:
             raise CheckpointError(
                 f"{ckpt.path}: tensor '{n}' has dtype {info.dtype} and belongs to no quantized module "
                 f"nvq can decode here."
             )
-        out[n] = Source(n, Scheme(DENSE_SCHEMES[info.dtype]))
+        out[n] = Source(n, Scheme(storage))
     _fuse_experts(ckpt.path, out, table)
     return out
 

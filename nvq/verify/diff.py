@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from nvq.models.blame import Blame
+from nvq.schemes import storing
 from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage, local_damage
 from nvq.verify.hints import Evidence, weight_hint
@@ -72,13 +73,6 @@ def _band(factor: float, z: float, floor: float, draws: Sequence[float]) -> floa
     draws = [d for d in draws if math.isfinite(d)] or [0.0]
     sd = statistics.stdev(draws) if len(draws) > 1 else 0.0
     return factor * statistics.fmean(draws) + z * sd + floor
-
-
-# Schemes whose weights may legitimately sit further from the oracle than the expected noise says.
-# GPTQ moves weights to cancel output error: on SmolLM2 (group 64) its weight rel-L2 is 1.27× that
-# of round-to-nearest at the median and 2.83× at worst (blk.11.ffn_down), so its weight band is
-# widened to cover that; its output error, which the taps judge, is below round-to-nearest's.
-WEIGHT_SLACK = {"gptq": 3.2}  # with weight_factor 1.25: 4× round-to-nearest's error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +215,7 @@ def diff_weight(
     ref = ref.float()
     draws = noise.draws or [noise.nominal]
     exp = [rel_l2(d, ref) for d in draws]
-    slack = WEIGHT_SLACK.get(scheme.name if scheme else None, 1.0)
+    slack = weight_slack(scheme)
     limit = th.weight_limit(exp, slack)
     mean_exp = statistics.fmean(exp)
     if got is None:
@@ -252,7 +246,7 @@ def diff_weight(
 
 def _local(got, ref, draws, scheme, th: Thresholds, slack: float) -> LocalDamage:
     """Rows and experts out of band (nvq.verify.damage)."""
-    if scheme is not None and scheme.name == "gptq":  # rows carry no signal for GPTQ (below)
+    if scheme is not None and not storing(scheme.name).judge_rows:  # rows carry no signal (GPTQ)
         return LocalDamage()
     k = ref.shape[-1]
     sq = torch.stack([row_sq_error(d, ref, k) for d in draws]).mean(0)
@@ -261,20 +255,18 @@ def _local(got, ref, draws, scheme, th: Thresholds, slack: float) -> LocalDamage
 
 PER_EXPERT_VECTOR = re.compile(r"\.ffn_down_exps\.scale$")  # Gemma-4 router.per_expert_scale
 
-# GPTQ solves each row against the layer's input statistics, so a row's weights may move far where
-# its inputs are small: SmolLM2's blk.11.ffn_down row 507 sits at 12.8× round-to-nearest's error,
-# past 3× its own energy or at zero, so GPTQ rows are not judged one by one.
+
+def weight_slack(scheme: Scheme | None) -> float:
+    """How much wider than the draws say the scheme's weight band is: its weights may legitimately
+    sit further from the oracle (GPTQ moves them to cancel output error)."""
+    return storing(scheme.name).weight_slack if scheme else 1.0
 
 
 def scale_block(scheme: Scheme | None, k: int) -> int:
     """Elements that share one scale along a row in the candidate's scheme (1: dense)."""
-    from nvq.verify.noise import BLOCK
-
     if scheme is None or not scheme.quantized:
         return 1
-    if scheme.name == "gptq":
-        return k if (scheme.group_size or -1) <= 0 else scheme.group_size
-    return BLOCK.get(scheme.name, 1)
+    return storing(scheme.name).scale_block(scheme, k)
 
 
 def weight_order(names) -> list[str]:

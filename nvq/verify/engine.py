@@ -35,7 +35,6 @@ from nvq.verify.candidate import Scheme
 from nvq.verify.damage import LocalDamage, local_damage_from_sums
 from nvq.verify.diff import (
     KLD_LOG_P_MIN,
-    WEIGHT_SLACK,
     TapDiff,
     Thresholds,
     WeightDiff,
@@ -45,9 +44,10 @@ from nvq.verify.diff import (
     scale_block,
     weight_layer,
     weight_order,
+    weight_slack,
 )
 from nvq.verify.hints import Evidence, weight_hint
-from nvq.verify.noise import STORE, apply_scheme, fusion_scales, original_draw
+from nvq.verify.noise import apply_scheme, fusion_scales, original_draw
 from nvq.verify.serving import DEFAULT_SERVING, SERVINGS, ServedView, Serving
 from nvq.verify.taps import STREAM_TAPS
 
@@ -225,7 +225,7 @@ class NoiseModel:
             draw = 0
         cells = self._cell_rows(name, start, stop) if draw > 0 else None
         w = original_draw(name, rows, cells, draw, self.dtype, start)
-        return STORE[s.name](w, s, None, None) if s is not None else w.float()
+        return apply_scheme(w, s) if s is not None else w.float()
 
     def _cell_rows(self, name: str, start: int, stop: int) -> Cells | None:
         if not self.lossy:
@@ -582,7 +582,7 @@ def _diff_chunked(name, c_cache, o_cache, noise: NoiseModel, schemes, th, draws:
     norm = math.sqrt(float(r.sum()))
     err = math.sqrt(float(d.sum())) / norm if norm > 0 else math.sqrt(float(d.sum()))
     exp = [math.sqrt(x) / norm if norm > 0 else math.sqrt(x) for x in e2]
-    slack = WEIGHT_SLACK.get(scheme.name if scheme else None, 1.0)
+    slack = weight_slack(scheme)
     limit = th.weight_limit(exp, slack)
     damage = LocalDamage() if exact else local_damage_from_sums(
         d, e, r, None, th.weight_factor * slack, th.weight_floor, max(k // scale_block(scheme, k), 1))

@@ -18,71 +18,22 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import replace
 
 import torch
 
-from nvq import ops
-from nvq.formats import int4, nvfp4
 from nvq.io.gguf_cells import Cells
+from nvq.schemes import GlobalScale, storing
 from nvq.verify.candidate import Scheme
 
 DEFAULT_DRAWS = 2
 
 
-def _nvfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
-    profile = nvfp4.Profile(scheme.profile or "ct")
-    if profile is nvfp4.Profile.MODELOPT:
-        s2 = 1.0 / g if g is not None else None
-        return nvfp4.dequantize(nvfp4.quantize(w, profile=profile, weight_scale_2=s2), torch.float32)
-    # the compressed-tensors arithmetic, by the CUDA kernels on a GPU (ops falls back to the reference)
-    g = ops.nvfp4_global_scale(ops.tensor_amax(w), w.dtype) if g is None else g
-    packed, block_scale = ops.nvfp4_quantize_packed(w, g)
-    return ops.nvfp4_dequantize_packed(packed, block_scale, g, torch.float32)
-
-
-def _mxfp4_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
-    packed, scale = ops.mxfp4_quantize_packed(w)
-    return ops.mxfp4_dequantize_packed(packed, scale, torch.float32)
-
-
-# GPTQ scheme profile → the dtype the serving engine holds the scales in (nvq.verify.serving)
-SERVED_SCALES = {"bf16-scales": torch.bfloat16}
-
-
-def _gptq_2d(w: torch.Tensor, scheme: Scheme, groups: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
-    # Round-to-nearest with the candidate's own groups: GPTQ trades a weight error of about this
-    # size for a smaller output error, so RTN is the expected band for both.
-    q = int4.quantize(w, scheme.group_size or -1, g_idx=groups)
-    if scheme.profile in SERVED_SCALES:
-        q = replace(q, scale=q.scale.to(SERVED_SCALES[scheme.profile]))
-    return int4.dequantize(q, torch.float32)
-
-
-def _dense(dtype: torch.dtype):
-    return lambda w, s, groups, g: w.to(dtype).float()
-
-
-# scheme name -> what storing a [N, K] block in it does to the values (g: a fusion group's shared
-# NVFP4 global scale, else the block's own)
-STORE = {
-    "f32": _dense(torch.float32),
-    "f64": _dense(torch.float64),
-    "bf16": _dense(torch.bfloat16),
-    "f16": _dense(torch.float16),
-    "nvfp4": _nvfp4_2d,
-    "mxfp4": _mxfp4_2d,
-    "gptq": _gptq_2d,
-}
-BLOCK = {"nvfp4": 16, "mxfp4": 32}
-
-
 def fits(w: torch.Tensor, s: Scheme) -> bool:
     """Whether the scheme can store a tensor of this shape (else it is compared as it is)."""
-    block = BLOCK.get(s.name) or (s.group_size if s.name == "gptq" and (s.group_size or -1) > 0 else None)
     if not s.quantized:
         return True
-    return w.dim() >= 2 and (block is None or w.shape[-1] % block == 0) and w.shape[-2] % s.row_parts == 0
+    return w.dim() >= 2 and w.shape[-1] % storing(s.name).scale_block(s, w.shape[-1]) == 0 \
+        and w.shape[-2] % s.row_parts == 0
 
 
 def apply_scheme(
@@ -95,7 +46,7 @@ def apply_scheme(
     expert of a stack, whose gate and up rows share the expert's NVFP4 global scale as nvq and
     llm-compressor write them. `groups`: the candidate's g_idx ([K], or [E, parts, K] for an expert
     stack) where it is not k // G; `global_scale`: a fusion group's shared NVFP4 divisor."""
-    fn = STORE[scheme.name]
+    fn = storing(scheme.name).expected
     if not scheme.quantized:
         return fn(w, scheme, None, None)
     if not fits(w, scheme):
@@ -174,22 +125,29 @@ def expected_draw(
 
 
 def fusion_scales(originals, schemes, fusion, dtype) -> dict[str, torch.Tensor]:
-    """Fusion group key -> the NVFP4 global scale its members share (from the group's amax); a
-    group of one keeps the tensor's own scale. Members that are expert stacks ([E, N, K], Qwen3-MoE's
-    gate and up) share one scale per expert, [E, 1]."""
+    """Fusion group key -> the global scale its members share (from the group's amax), for schemes
+    that have one (NVFP4); a group of one keeps the tensor's own scale. Members that are expert
+    stacks ([E, N, K], Qwen3-MoE's gate and up) share one scale per expert, [E, 1]."""
     amax: dict[str, list[torch.Tensor]] = {}
+    reference: dict[str, object] = {}
     for n, key in fusion.items():
         s = schemes.get(n)
         w = originals.get(n)
-        if w is not None and w.dim() in (2, 3) and s is not None and s.name == "nvfp4" and fits(w, s):
+        shared = _shared_scale(s)
+        if w is not None and w.dim() in (2, 3) and shared is not None and fits(w, s):
             amax.setdefault(key, []).append(w.abs().amax() if w.dim() == 2 else w.abs().flatten(1).amax(1))
+            reference[key] = shared.reference
     out = {}
     for k, a in amax.items():
         if len(a) > 1 and len({t.shape for t in a}) == 1:
-            group = torch.stack(a).amax(0).to(dtype)
-            out[k] = nvfp4.global_scale(group, dtype) if group.dim() == 0 else \
-                torch.stack([nvfp4.global_scale(g, dtype) for g in group])
+            group, scale = torch.stack(a).amax(0).to(dtype), reference[k]
+            out[k] = scale(group, dtype) if group.dim() == 0 else torch.stack([scale(g, dtype) for g in group])
     return out
+
+
+def _shared_scale(s: Scheme | None) -> GlobalScale | None:
+    stream = storing(s.name).stream if s is not None and s.quantized else None
+    return stream.global_scale if stream is not None else None
 
 
 def fusion_groups(table, names) -> dict[str, str]:

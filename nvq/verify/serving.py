@@ -99,19 +99,3 @@ class ServedView(Mapping[str, torch.Tensor]):
     def expert(self, name: str, e: int) -> torch.Tensor:
         return self._typed(name, self.source.expert(name, e), e)
 
-
-# what an engine serves differently from a freshly written checkpoint, by scheme: (when, note)
-SERVING_NOTES = {
-    "mxfp4": (lambda dtype: True,
-              "vLLM serves compressed-tensors MXFP4 as W4A4 on Blackwell (SM100+): each Linear's input is "
-              "quantized to MXFP4 there (weight-only elsewhere); `nvq verify --serve-as vllm-sm100` certifies that."),
-    "gptq": (lambda dtype: dtype == "bfloat16",
-             "vLLM holds GPTQ's fp16 scales in the model dtype (bfloat16) and rounds them on load; "
-             "`nvq verify --serve-as vllm` certifies what it serves."),
-}
-
-
-def serving_notes(scheme: str, model_dtype: str | None) -> list[str]:
-    """Notes for the convert summary: where engines serve the output differently."""
-    when, note = SERVING_NOTES.get(scheme, (lambda dtype: False, ""))
-    return [note] if when(model_dtype) else []

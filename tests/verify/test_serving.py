@@ -75,7 +75,10 @@ def test_vllm_holds_gptq_scales_in_the_model_dtype(llama_bf16_gptq, tiny_gguf):
 
 
 def test_convert_summary_says_where_vllm_serves_it_differently(llama_bf16_gptq, tmp_path):
-    from nvq.verify.serving import serving_notes
+    from nvq import schemes
+
+    def serving_notes(scheme, dtype):
+        return schemes.get(scheme).serving_notes(dtype)
 
     assert any("--serve-as vllm-sm100" in n for n in serving_notes("mxfp4", "bfloat16"))
     assert any("--serve-as vllm" in n for n in serving_notes("gptq", "bfloat16"))
