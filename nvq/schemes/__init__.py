@@ -5,7 +5,7 @@ nvq knows about the scheme: its group sizes, its container layout (output tensor
 checks, from nvq.layouts), how the pipeline quantizes with it (nvq.ops), how a checkpoint in it
 decodes, what storing a weight in it does (verify's expected noise), its `quantization_config`
 and where engines serve it differently. Convert, plan, recipes and verify ask the registry by
-name; adding a scheme is one module listed in BUILTIN, plus its tests.
+name; adding a scheme is one module in this package, plus its tests.
 
 The modules are imported on the first lookup, not with this package: they reach into nvq.quant
 and nvq.ops, which import this package for their own lookups.
@@ -14,6 +14,7 @@ and nvq.ops, which import this package for their own lookups.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,7 +26,18 @@ if TYPE_CHECKING:  # the CLI reads BUILTIN for its choices before torch is impor
 
     from nvq.io.safetensors import OutputTensor
 
-BUILTIN = ("nvfp4", "mxfp4", "gptq", "bf16")  # scheme modules of this package, in CLI order
+SHARED_MODULES = {"compressed_tensors"}  # helpers of several schemes, not schemes
+CLI_ORDER = ("nvfp4", "mxfp4", "gptq", "bf16")  # how --scheme lists these; any other module follows
+
+
+def _scheme_modules() -> tuple[str, ...]:
+    # found by file name, without importing them (nvq --help must not import torch)
+    found = {m.name for m in pkgutil.iter_modules(__path__)} - SHARED_MODULES
+    rank = {name: i for i, name in enumerate(CLI_ORDER)}
+    return tuple(sorted(found, key=lambda n: (rank.get(n, len(rank)), n)))
+
+
+BUILTIN = _scheme_modules()  # this package's scheme modules, in CLI order
 
 
 class Layout(Protocol):

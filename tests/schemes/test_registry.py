@@ -90,3 +90,13 @@ def test_a_fixed_group_size_refuses_another(registry):
         RecipeError, match="applies to --scheme gptq; mxfp4 has a fixed group size of 32"
     ):
         schemes.get("mxfp4").layout(16)
+
+
+def test_a_scheme_module_is_found_by_its_file_name_without_being_imported(tmp_path, monkeypatch):
+    # a new scheme is one module file: no list to edit (the CLI's choices come from file names)
+    (tmp_path / "toyfmt.py").write_text("raise AssertionError('listing must not import schemes')\n")
+    (tmp_path / "compressed_tensors.py").write_text("")
+    monkeypatch.setattr(schemes, "__path__", [*schemes.__path__, str(tmp_path)])
+    found = schemes._scheme_modules()
+    assert found[: len(schemes.CLI_ORDER)] == schemes.CLI_ORDER
+    assert found[len(schemes.CLI_ORDER):] == ("toyfmt",)
