@@ -3,8 +3,11 @@ each checkpoint with its real loader, with no error and no weight warning, and w
 (greedy tokens, per-token logprobs) agrees with nvq's reference forward of the same checkpoint.
 
 Matrix: tiny Llama and the Gemma-4 miniatures × nvfp4, mxfp4, gptq --method rtn (× every shipped
-recipe that applies; llamacpp-compatible only changes the PLE variants) and calibrated act-order
-gptq (default recipe). One vLLM subprocess per model serves all of its checkpoints.
+recipe that applies; llamacpp-compatible only changes the PLE variants), and with the default recipe
+calibrated act-order gptq and W4A4 nvfp4 (`--activations nvfp4`). One vLLM subprocess per model
+serves all of its checkpoints. W4A4 checkpoints load through vLLM's own W4A4 linear and MoE
+methods (their `input_global_scale` parameters included); the stand-in kernels below run them
+weight-only, so what is compared for them is loading and weights, not the FP4 activation path.
 
 What vLLM 0.32's CPU build can run, and how the miniatures are adapted:
 
@@ -69,7 +72,9 @@ SCHEMES = {
     "mxfp4": ("--scheme", "mxfp4"),
     "gptq-rtn": (*GPTQ, "--method", "rtn"),
     "gptq-act-order": (*GPTQ, "--act-order", "--calib-samples", "8", "--calib-seq-len", "128"),
+    "nvfp4-w4a4": ("--scheme", "nvfp4", "--activations", "nvfp4", "--calib-samples", "4", "--calib-seq-len", "64"),
 }
+CALIBRATED = ("gptq-act-order", "nvfp4-w4a4")  # default recipe only: the recipes are covered by the others
 RECIPES = ("default", "keep-first-layer", "attention-dense", "llamacpp-compatible")
 PLE_MODELS = ("e2b", "e4b")
 MODELS = ("llama", "e2b", "e4b", "26b-a4b", "31b")
@@ -89,7 +94,7 @@ class Case:
 def _applies(model: str, scheme: str, recipe: str) -> bool:
     if recipe == "llamacpp-compatible" and model not in PLE_MODELS:
         return False  # the same checkpoint as the default recipe
-    return scheme != "gptq-act-order" or recipe == "default"  # recipes are covered by rtn
+    return scheme not in CALIBRATED or recipe == "default"
 
 
 CASES = [Case(m, s, r) for m in MODELS for s in SCHEMES for r in RECIPES if _applies(m, s, r)]
